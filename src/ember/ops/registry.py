@@ -1,0 +1,157 @@
+"""The op registry: every IR op defined once.
+
+An op is a torch reference function. Its signature *is* the op's schema:
+
+    @op("LeakyRelu", kind="pointwise")
+    def leaky_relu(x, *, alpha: float = 0.01):
+        return torch.nn.functional.leaky_relu(x, alpha)
+
+- positional parameters are the inputs, in order; a default of ``None`` makes an input optional;
+  ``*xs`` makes the op variadic;
+- keyword-only parameters are the attributes; one without a default is required;
+- a keyword-only parameter named ``ctx`` receives an :class:`OpContext` (number of outputs wanted,
+  a way to run subgraphs) and is not an attribute;
+- the function returns a tensor, or a tuple/list of tensors for several outputs (extra trailing
+  outputs are dropped when the node asks for fewer).
+
+IR op semantics are those of the newest ONNX opset of the same name; the ONNX frontend
+normalizes older forms. Ops ember adds of its own (fused ops) are named ``ember.Something``.
+Shape and dtype inference: :func:`shape_rule` registers a symbolic rule; without one, ember
+runs the reference function on meta tensors when input shapes are static.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+REQUIRED = inspect.Parameter.empty
+
+# fusion classes, used by the optimizer and the CUDA backend
+KINDS = ("pointwise", "reduction", "anchor", "view", "shape", "control", "other")
+
+
+@dataclass
+class OpContext:
+    """What a reference function may need beyond its inputs and attributes."""
+
+    num_outputs: int
+    node_name: str = ""
+    run_graph: Optional[Callable[..., list]] = None  # run_graph(graph, inputs: list) -> list of outputs
+    output_dtypes: list = field(default_factory=list)  # declared DTypes of the node's outputs (may be None)
+
+
+@dataclass
+class OpDef:
+    name: str
+    fn: Callable
+    input_names: list[str]
+    min_inputs: int
+    variadic: bool
+    attrs: dict[str, Any]  # name -> default (REQUIRED if none)
+    kind: str
+    wants_ctx: bool
+    shape_rule: Optional[Callable] = None
+    doc: str = ""
+
+    def max_inputs(self) -> Optional[int]:
+        return None if self.variadic else len(self.input_names)
+
+    def check_attrs(self, attrs: dict[str, Any]) -> list[str]:
+        """Problems with a node's attributes: unknown names and missing required ones."""
+        problems = [f"unknown attribute '{k}'" for k in attrs if k not in self.attrs]
+        problems += [f"missing required attribute '{k}'" for k, d in self.attrs.items()
+                     if d is REQUIRED and k not in attrs]
+        return problems
+
+    def call(self, inputs: list, attrs: dict[str, Any], ctx: OpContext):
+        kwargs = dict(attrs)
+        if self.wants_ctx:
+            kwargs["ctx"] = ctx
+        return self.fn(*inputs, **kwargs)
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def op(name: str, kind: str = "other", aliases: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Register a reference function as the definition of IR op ``name``."""
+    if kind not in KINDS:
+        raise ValueError(f"op {name}: kind must be one of {KINDS}")
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        input_names: list[str] = []
+        min_inputs = 0
+        variadic = False
+        attrs: dict[str, Any] = {}
+        wants_ctx = False
+        for p in sig.parameters.values():
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                input_names.append(p.name)
+                if p.default is p.empty:
+                    min_inputs = len(input_names)
+            elif p.kind is p.VAR_POSITIONAL:
+                variadic = True
+                input_names.append("*" + p.name)
+            elif p.kind is p.KEYWORD_ONLY:
+                if p.name == "ctx":
+                    wants_ctx = True
+                else:
+                    attrs[p.name] = p.default
+        for n in (name, *aliases):
+            if n in REGISTRY:
+                raise ValueError(f"op {n} is registered twice ({REGISTRY[n].fn.__module__} and {fn.__module__})")
+            REGISTRY[n] = OpDef(n, fn, input_names, min_inputs, variadic, attrs, kind, wants_ctx,
+                                doc=(fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def shape_rule(*names: str) -> Callable[[Callable], Callable]:
+    """Register a symbolic shape/dtype rule: ``rule(node) -> list[(DType|None, shape|None)]``."""
+
+    def deco(fn: Callable) -> Callable:
+        for n in names:
+            _PENDING_RULES[n] = fn
+            if n in REGISTRY:
+                REGISTRY[n].shape_rule = fn
+        return fn
+
+    return deco
+
+
+_PENDING_RULES: dict[str, Callable] = {}
+
+
+def get(name: str) -> OpDef:
+    _load_all()
+    return REGISTRY[name]
+
+
+def known_ops() -> set[str]:
+    _load_all()
+    return set(REGISTRY)
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    """Import every module of ember.ops so that their @op decorators run."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+    import pkgutil
+
+    from .. import ops as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name not in ("registry", "torch_types", "infer"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    for n, rule in _PENDING_RULES.items():
+        if n in REGISTRY:
+            REGISTRY[n].shape_rule = rule
