@@ -13,12 +13,15 @@ class ModelLoadError(EmberError):
 class UnsupportedOpError(EmberError):
     """One or more nodes use ops ember does not implement. Lists every such node."""
 
-    def __init__(self, nodes: list[tuple[str, str, str, int]], path: str | None = None):
+    def __init__(self, nodes: list[tuple[str, str, str, int]], path: str | None = None,
+                 reasons: "list[str] | None" = None):
         self.nodes = nodes
+        self.reasons = reasons or [""] * len(nodes)
         where = f" in {path}" if path else ""
         lines = [f"{len(nodes)} unsupported node(s){where}:"]
-        for name, op, domain, opset in nodes:
-            lines.append(f"  - node '{name}': op {domain or 'ai.onnx'}::{op} (opset {opset})")
+        for (name, op, domain, opset), why in zip(nodes, self.reasons):
+            extra = f": {why}" if why and why != "op not implemented" else ""
+            lines.append(f"  - node '{name}': op {domain or 'ai.onnx'}::{op} (opset {opset}){extra}")
         lines.append("Replace these ops in the exporter, or open an issue naming them.")
         super().__init__("\n".join(lines))
 

@@ -63,7 +63,7 @@ def infer_by_meta(node: Node) -> Optional[list[TypeInfo]]:
             out = opdef.call(_meta_args(node, keep), node.attrs, ctx)
         except Exception:
             continue
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        outs = list(out) if isinstance(out, tuple) else [out]
         if not all(isinstance(t, torch.Tensor) for t in outs[: len(node.outputs)]):
             return None
         return [(from_torch(t.dtype), tuple(int(d) for d in t.shape)) for t in outs[: len(node.outputs)]]

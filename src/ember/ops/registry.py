@@ -11,8 +11,9 @@ An op is a torch reference function. Its signature *is* the op's schema:
 - keyword-only parameters are the attributes; one without a default is required;
 - a keyword-only parameter named ``ctx`` receives an :class:`OpContext` (number of outputs wanted,
   a way to run subgraphs) and is not an attribute;
-- the function returns a tensor, or a tuple/list of tensors for several outputs (extra trailing
-  outputs are dropped when the node asks for fewer).
+- the function returns a tensor, or a tuple of values for several outputs (extra trailing
+  outputs are dropped when the node asks for fewer); a list is one sequence value, None an empty
+  optional.
 
 IR op semantics are those of the newest ONNX opset of the same name; the ONNX frontend
 normalizes older forms. Ops ember adds of its own (fused ops) are named ``ember.Something``.

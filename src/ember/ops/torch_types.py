@@ -48,3 +48,22 @@ def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
         raw = t.contiguous().view(torch.uint8 if dt.itemsize == 1 else torch.int16).numpy()
         return raw.view(to_numpy(dt))
     return t.contiguous().numpy()
+
+
+def to_torch_value(x, device: "torch.device | str" = "cpu"):
+    """A runtime value from the user side: array -> tensor, list -> sequence, None -> empty optional."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return [to_torch_value(e, device) for e in x]
+    return tensor_from_numpy(np.asarray(x), device)
+
+
+def to_numpy_value(x):
+    if x is None:
+        return None
+    if isinstance(x, (list, tuple)):
+        return [to_numpy_value(e) for e in x]
+    return tensor_to_numpy(x)

@@ -1,0 +1,1 @@
+"""Converters that normalize ONNX ops across opsets, one module per op family."""

@@ -1,0 +1,137 @@
+"""The reference runtime: executes an IR graph node by node with the ops' torch reference functions.
+
+Works on CPU and CUDA. Values live in an environment keyed by name; each value is dropped after
+its last use so peak memory tracks the live set, not the whole graph.
+"""
+from __future__ import annotations
+
+from collections import ChainMap
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..errors import EmberError, NodeExecutionError
+from ..ir.graph import Graph, Node
+from ..ops import OpContext, OpDef, get
+from ..ops.torch_types import tensor_from_numpy
+
+
+@dataclass
+class _Step:
+    node: Node
+    opdef: OpDef
+    inputs: list[Optional[str]]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    free_after: list[str]  # values whose last use is this step
+
+
+class _Plan:
+    """The order of steps of one graph and when each value dies."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        keep = {v.name for v in graph.outputs}
+        last_use: dict[str, int] = {}
+        for i, n in enumerate(graph.nodes):
+            for v in n.inputs:
+                if v is not None:
+                    last_use[v.name] = i
+            for sg in n.subgraphs():
+                for v in sg.captured_values():
+                    last_use[v.name] = i
+        frees: dict[int, list[str]] = {}
+        local = {v.name for v in graph.inputs} | {o.name for n in graph.nodes for o in n.outputs}
+        for name, i in last_use.items():
+            if name not in keep and name in local:
+                frees.setdefault(i, []).append(name)
+        self.steps = [
+            _Step(n, get(n.op), [v.name if v is not None else None for v in n.inputs],
+                  [o.name for o in n.outputs], n.attrs, frees.get(i, []))
+            for i, n in enumerate(graph.nodes)
+        ]
+
+
+class Interpreter:
+    """Runs a graph (and its subgraphs) on one device."""
+
+    def __init__(self, graph: Graph, device: "str | torch.device" = "cpu",
+                 weights: "dict[str, torch.Tensor] | None" = None):
+        self.graph = graph
+        self.device = torch.device(device)
+        self._plans: dict[int, _Plan] = {}
+        # constants of every scope, on the device once
+        self.consts: dict[str, torch.Tensor] = {}
+        for g in _all_graphs(graph):
+            for name, v in g.initializers.items():
+                if weights is not None and name in weights:
+                    self.consts[name] = weights[name].to(self.device)
+                else:
+                    self.consts[name] = tensor_from_numpy(v.data, self.device)
+
+    def _plan(self, g: Graph) -> _Plan:
+        p = self._plans.get(id(g))
+        if p is None:
+            p = self._plans[id(g)] = _Plan(g)
+        return p
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        outs = self.run_graph(self.graph, [feeds[v.name] for v in self.graph.inputs], None)
+        return {v.name: o for v, o in zip(self.graph.outputs, outs)}
+
+    def run_graph(self, g: Graph, inputs: list, outer: "dict[str, Any] | None") -> list:
+        env: Any = ChainMap({}, outer if outer is not None else self.consts)
+        for v, x in zip(g.inputs, inputs):
+            env[v.name] = x
+
+        def run_sub(sub: Graph, sub_inputs: list) -> list:
+            return self.run_graph(sub, sub_inputs, env)
+
+        for step in self._plan(g).steps:
+            try:
+                args = [env[n] if n is not None else None for n in step.inputs]
+            except KeyError as e:
+                raise NodeExecutionError(
+                    f"node '{step.node.name}' ({step.node.op}): input {e} has no value; the graph is malformed"
+                ) from None
+            ctx = OpContext(num_outputs=len(step.outputs), node_name=step.node.name, run_graph=run_sub,
+                            output_dtypes=[o.dtype for o in step.node.outputs])
+            try:
+                result = step.opdef.call(args, step.attrs, ctx)
+            except EmberError:
+                raise
+            except Exception as e:  # a reference function failed: say which node, with what
+                shapes = ", ".join(_describe(a) for a in args)
+                raise NodeExecutionError(
+                    f"node '{step.node.name}' ({step.node.op}) failed on inputs ({shapes}): "
+                    f"{type(e).__name__}: {e}") from e
+            if isinstance(result, tuple):  # several outputs (a list is one sequence value)
+                if len(result) < len(step.outputs):
+                    raise NodeExecutionError(
+                        f"node '{step.node.name}' ({step.node.op}) produced {len(result)} outputs, "
+                        f"the graph asks for {len(step.outputs)}")
+                for name, r in zip(step.outputs, result):
+                    env[name] = r
+            else:
+                env[step.outputs[0]] = result
+            for name in step.free_after:
+                env.pop(name, None)
+        return [env[v.name] for v in g.outputs]
+
+
+def _describe(a: Any) -> str:
+    if isinstance(a, torch.Tensor):
+        return f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}"
+    if a is None:
+        return "none"
+    if isinstance(a, list):
+        return f"sequence[{len(a)}]"
+    return type(a).__name__
+
+
+def _all_graphs(g: Graph):
+    yield g
+    for n in g.nodes:
+        for sg in n.subgraphs():
+            yield from _all_graphs(sg)
