@@ -1,0 +1,105 @@
+"""build(): ONNX model -> optimized IR -> Engine."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import onnx
+import torch
+
+from .. import __version__
+from ..errors import EmberError
+from ..frontend.onnx import import_onnx
+from ..ir.graph import Graph
+from ..ir.verify import verify
+from ..ops import known_ops
+from ..ops.infer import infer_shapes
+from ..runtime.engine import Engine, host_info, resolve_device
+
+
+@dataclass
+class BuilderConfig:
+    """What to build. Fields grow with the backends; unknown combinations are refused, not ignored."""
+
+    device: str = "auto"
+    opt_level: int = 2
+    precision: str = "fp32"
+    debug: bool = False  # verify the graph after every pass
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildReport:
+    nodes_in: int
+    nodes_out: int
+    seconds: float
+    passes: list[str] = field(default_factory=list)
+
+
+def optimize(graph: Graph, config: BuilderConfig) -> list[str]:
+    """Run the pass pipeline of ``config.opt_level``. Returns the names of passes that changed the graph."""
+    try:
+        from ..passes import run_pipeline
+    except ImportError:
+        return []
+    return run_pipeline(graph, config.opt_level, debug=config.debug)
+
+
+def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional[BuilderConfig] = None,
+          **kwargs: Any) -> Engine:
+    """Build an engine from an ONNX model (path, bytes or ModelProto).
+
+    ``ember.build("model.onnx", device="cpu", opt_level=2)``; keyword arguments fill a BuilderConfig.
+    """
+    if config is None:
+        unknown = set(kwargs) - set(BuilderConfig.__dataclass_fields__)
+        if unknown:
+            raise EmberError(f"build() got unknown option(s) {sorted(unknown)}; "
+                             f"known: {sorted(BuilderConfig.__dataclass_fields__)}")
+        config = BuilderConfig(**kwargs)
+    if config.precision != "fp32":
+        raise EmberError(f"precision '{config.precision}' needs the CUDA backend, which this ember does not have yet; "
+                         "build with precision fp32")
+    t0 = time.perf_counter()
+    device = resolve_device(config.device)
+    graph = import_onnx(model)
+    nodes_in = len(graph.nodes)
+    infer_shapes(graph)
+    verify(graph, known_ops())
+    changed = optimize(graph, config)
+    if config.debug:
+        verify(graph, known_ops())
+    report = BuildReport(nodes_in, len(graph.nodes), time.perf_counter() - t0, changed)
+    manifest = {
+        "ember_version": __version__,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": _source_info(model),
+        "backend": "reference",
+        "device": device.type,
+        "precision": config.precision,
+        "opt_level": config.opt_level,
+        "build_host": host_info(),
+        "profiles": [],
+        "nodes_in": nodes_in,
+        "nodes_out": len(graph.nodes),
+    }
+    engine = Engine(graph, manifest, device=device)
+    engine.build_report = report  # type: ignore[attr-defined]
+    return engine
+
+
+def _source_info(model: Any) -> dict[str, Any]:
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return {"file": os.path.basename(path), "sha256": h.hexdigest()}
+    return {"file": None}

@@ -1,0 +1,173 @@
+"""Engine: a loaded, ready-to-run model. ``Engine.load(path)`` needs no compiler."""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import EngineFileError, InputError
+from ..ir.dtypes import DType, to_numpy
+from ..ir.graph import Graph, Value
+from ..ir.shapes import Sym
+from ..ops.torch_types import from_torch, to_numpy_value, to_torch_value
+from .format import read_engine, write_engine
+from .interpreter import Interpreter
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An engine input or output: name, numpy-style dtype name, shape (str dims are symbolic)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{','.join(str(d) for d in self.shape)}]"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def _spec(v: Value) -> TensorSpec:
+    shape = () if v.shape is None else tuple(d if isinstance(d, int) else str(d) for d in v.shape)
+    return TensorSpec(v.name, v.dtype.value if v.dtype else "unknown", shape)
+
+
+def resolve_device(device: "str | torch.device | None") -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineFileError("device 'cuda' was asked for, but torch sees no CUDA GPU here; use --device cpu")
+    return dev
+
+
+class Engine:
+    """Runs an optimized graph. Thread-safe: concurrent ``run`` calls share weights, not state."""
+
+    def __init__(self, graph: Graph, manifest: "dict[str, Any] | None" = None, *,
+                 device: "str | torch.device | None" = None, weights: "dict[str, torch.Tensor] | None" = None):
+        self.graph = graph
+        self.manifest = dict(manifest or {})
+        self._device = resolve_device(device)
+        consts = {k[len("const/"):]: t for k, t in (weights or {}).items() if k.startswith("const/")}
+        self._interp = Interpreter(graph, self._device, consts or None)
+        self.inputs = [_spec(v) for v in graph.inputs]
+        self.outputs = [_spec(v) for v in graph.outputs]
+
+    # -- files ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: "str | os.PathLike", device: "str | torch.device | None" = None) -> "Engine":
+        f = read_engine(path)
+        backend = f.manifest.get("backend", "reference")
+        if backend != "reference":
+            raise EngineFileError(f"engine '{os.fspath(path)}' needs backend '{backend}', which this ember "
+                                  "does not have; rebuild it for this machine")
+        return cls(f.graph, f.manifest, device=device, weights=f.weights)
+
+    def save(self, path: "str | os.PathLike") -> int:
+        manifest = dict(self.manifest)
+        manifest.setdefault("backend", "reference")
+        manifest["inputs"] = [s.to_json() for s in self.inputs]
+        manifest["outputs"] = [s.to_json() for s in self.outputs]
+        return write_engine(path, self.graph, manifest)
+
+    @property
+    def device(self) -> str:
+        return self._device.type
+
+    # -- running --------------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Run on a dict of inputs (numpy arrays or torch tensors).
+
+        Returns numpy arrays, or torch tensors on the engine's device when every input was a tensor.
+        """
+        if not isinstance(feeds, Mapping):
+            raise InputError(f"run() takes a dict of input name -> array; got {type(feeds).__name__}. "
+                             f"Inputs: {', '.join(s.name for s in self.inputs)}")
+        as_torch = bool(feeds) and all(isinstance(x, torch.Tensor) for x in feeds.values())
+        tensors = self._check_inputs(feeds)
+        with torch.inference_mode():
+            outs = self._interp.run(tensors)
+        if as_torch:
+            return outs
+        return {k: to_numpy_value(v) for k, v in outs.items()}
+
+    __call__ = run
+
+    def _check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        expected = {v.name: v for v in self.graph.inputs}
+        unknown = [k for k in feeds if k not in expected]
+        if unknown:
+            raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; this engine's inputs are: "
+                             + ", ".join(str(s) for s in self.inputs))
+        missing = [k for k in expected if k not in feeds]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; this engine's inputs are: "
+                             + ", ".join(str(s) for s in self.inputs))
+        bound: dict[str, tuple[int, str]] = {}
+        out: dict[str, Any] = {}
+        for name, v in expected.items():
+            x = feeds[name]
+            if v.kind != "tensor":
+                out[name] = to_torch_value(x, self._device)
+                continue
+            if not isinstance(x, (torch.Tensor, np.ndarray)):
+                try:
+                    x = np.asarray(x, dtype=to_numpy(v.dtype) if v.dtype else None)
+                except (TypeError, ValueError) as e:
+                    raise InputError(f"input '{name}': cannot make an array of {type(x).__name__} ({e})") from None
+            got_dt = from_torch(x.dtype) if isinstance(x, torch.Tensor) else _np_dtype(x.dtype, name)
+            if v.dtype is not None and got_dt != v.dtype:
+                raise InputError(f"input '{name}' has dtype {got_dt.value}; the engine expects {v.dtype.value} "
+                                 f"(convert it, e.g. x.astype('{v.dtype.value}'))")
+            shape = tuple(x.shape)
+            if v.shape is not None:
+                if len(shape) != len(v.shape):
+                    raise InputError(f"input '{name}' has rank {len(shape)} (shape {list(shape)}); the engine "
+                                     f"expects rank {len(v.shape)}: {_spec(v)}")
+                for i, (d, want) in enumerate(zip(shape, v.shape)):
+                    if isinstance(want, int) and d != want:
+                        raise InputError(f"input '{name}' has size {d} at axis {i}; the engine expects {want} "
+                                         f"({_spec(v)})")
+                    if isinstance(want, Sym) and len(want.terms) == 1 and want.terms[0][1] == 1 \
+                            and len(want.terms[0][0]) == 1:
+                        sym = want.terms[0][0][0]
+                        if sym in bound and bound[sym][0] != d:
+                            raise InputError(
+                                f"dim '{sym}' is {bound[sym][0]} in input '{bound[sym][1]}' but {d} in input "
+                                f"'{name}' (axis {i}); inputs that share a dim name must agree")
+                        bound.setdefault(sym, (d, name))
+            out[name] = to_torch_value(x, self._device)
+        return out
+
+    def __repr__(self) -> str:
+        ins = ", ".join(str(s) for s in self.inputs)
+        outs = ", ".join(str(s) for s in self.outputs)
+        return f"Engine({self.device}; inputs: {ins}; outputs: {outs}; {len(self.graph.nodes)} nodes)"
+
+
+def _np_dtype(dt: np.dtype, name: str) -> DType:
+    from ..ir.dtypes import from_numpy
+
+    try:
+        return from_numpy(dt)
+    except ValueError:
+        raise InputError(f"input '{name}' has dtype {dt}, which ember does not run") from None
+
+
+def host_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda}
+    return info
+
+
+__all__ = ["Engine", "TensorSpec", "host_info", "resolve_device"]
