@@ -152,7 +152,19 @@ def _load_all() -> None:
 
     for mod in pkgutil.iter_modules(pkg.__path__):
         if mod.name not in ("registry", "torch_types", "infer"):
-            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+            _import_module(f"{pkg.__name__}.{mod.name}")
     for n, rule in _PENDING_RULES.items():
         if n in REGISTRY:
             REGISTRY[n].shape_rule = rule
+
+
+def _import_module(name: str) -> None:
+    """Import one module of definitions; a broken one is reported loudly and the rest still load."""
+    import importlib
+    import warnings
+
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # keep the other modules usable; the warning names what is missing
+        warnings.warn(f"{name} failed to import ({type(e).__name__}: {e}); its definitions are unavailable",
+                      RuntimeWarning, stacklevel=2)

@@ -51,4 +51,16 @@ def _load_all() -> None:
     from . import converters as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        _import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def _import_module(name: str) -> None:
+    """Import one module of definitions; a broken one is reported loudly and the rest still load."""
+    import importlib
+    import warnings
+
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # keep the other modules usable; the warning names what is missing
+        warnings.warn(f"{name} failed to import ({type(e).__name__}: {e}); its definitions are unavailable",
+                      RuntimeWarning, stacklevel=2)
