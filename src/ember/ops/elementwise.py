@@ -1,21 +1,329 @@
-"""Pointwise math: unary, binary (numpy broadcasting), comparison, logic."""
+"""Pointwise math: unary, binary (numpy broadcasting), comparison, logic, bitwise, variadic.
+
+torch lacks most kernels for uint16/32/64, which ONNX allows everywhere. Those dtypes are
+computed in int64 and cast back (wrapping as ONNX does); uint64 is reinterpreted bit for bit as
+int64, which keeps add/sub/mul/bitwise exact and, with the sign bit flipped, orders correctly.
+Half-precision transcendental math runs in fp32 and is rounded back once.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
+from ..ir.dtypes import DType
 from .infer import broadcast_rule, same_as_input
 from .registry import op, shape_rule
 
+WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+HALF_FLOATS = (torch.float16, torch.bfloat16)
+_SIGN_BIT = -(2 ** 63)
 
+
+# -- dtype helpers (shared with the other math modules) ----------------------------------------------
+def as_computable(x: torch.Tensor) -> torch.Tensor:
+    """A tensor torch has kernels for, holding the same values (uint64: the same bits)."""
+    if x.dtype in (torch.uint16, torch.uint32):
+        return x.to(torch.int64)
+    if x.dtype == torch.uint64:
+        return x.view(torch.int64)
+    return x
+
+
+def restore(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Undo :func:`as_computable`: cast (wrapping) or reinterpret back to ``dtype``."""
+    if y.dtype == dtype:
+        return y
+    if dtype == torch.uint64 and y.dtype == torch.int64:
+        return y.view(torch.uint64)
+    return y.to(dtype)
+
+
+def ordered(x: torch.Tensor) -> torch.Tensor:
+    """A signed tensor whose order is the order of ``x`` (uint64 gets its sign bit flipped)."""
+    if x.dtype == torch.uint64:
+        return x.view(torch.int64) ^ _SIGN_BIT
+    return as_computable(x)
+
+
+def unordered(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.uint64:
+        return (y ^ _SIGN_BIT).view(torch.uint64)
+    return restore(y, dtype)
+
+
+def float_math(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Apply ``fn`` in at least fp32 precision, returning the input dtype."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in HALF_FLOATS:
+            return fn(x.float()).to(x.dtype)
+        if not x.is_floating_point():
+            return fn(x.double()).to(x.dtype)
+        return fn(x)
+    return run
+
+
+def _wide_binary(fn: Callable, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dt = a.dtype
+    return restore(fn(as_computable(a), as_computable(b)), dt)
+
+
+# -- unary ----------------------------------------------------------------------------------------
+def _unary(name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def ref(x):
+        return fn(x)
+    ref.__name__ = name.lower()
+    ref.__doc__ = f"ONNX {name}."
+    op(name, kind="pointwise")(ref)
+    shape_rule(name)(same_as_input(0))
+
+
+for _name, _fn in {
+    "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Erf": torch.erf,
+    "Sin": torch.sin, "Cos": torch.cos, "Tan": torch.tan, "Asin": torch.asin, "Acos": torch.acos,
+    "Atan": torch.atan, "Sinh": torch.sinh, "Cosh": torch.cosh, "Asinh": torch.asinh,
+    "Acosh": torch.acosh, "Atanh": torch.atanh, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid,
+    "Reciprocal": torch.reciprocal,
+}.items():
+    _unary(_name, float_math(_fn))
+
+
+def _abs(x):
+    if x.dtype in WIDE_UNSIGNED or x.dtype in (torch.uint8, torch.bool):
+        return x
+    return torch.abs(x)
+
+
+def _neg(x):
+    return _wide_binary(lambda a, _: -a, x, x) if x.dtype in WIDE_UNSIGNED else torch.neg(x)
+
+
+def _sign(x):
+    if x.dtype in WIDE_UNSIGNED:
+        return (x != 0).to(x.dtype)
+    return torch.sign(x)
+
+
+def _keep_ints(fn):
+    """Ceil/Floor/Round are identities on integers."""
+    return lambda x: x if not x.is_floating_point() else fn(x)
+
+
+for _name, _fn in {
+    "Abs": _abs, "Neg": _neg, "Sign": _sign,
+    "Ceil": _keep_ints(torch.ceil), "Floor": _keep_ints(torch.floor),
+    "Round": _keep_ints(torch.round),  # torch.round rounds half to even, as ONNX asks
+    "Not": torch.logical_not, "BitwiseNot": torch.bitwise_not,
+}.items():
+    _unary(_name, _fn)
+
+
+@op("IsNaN", kind="pointwise")
+def is_nan(x):
+    return torch.isnan(x)
+
+
+@op("IsInf", kind="pointwise")
+def is_inf(x, *, detect_negative: int = 1, detect_positive: int = 1):
+    if detect_negative and detect_positive:
+        return torch.isinf(x)
+    if detect_negative:
+        return torch.isneginf(x)
+    if detect_positive:
+        return torch.isposinf(x)
+    return torch.zeros_like(x, dtype=torch.bool)
+
+
+# -- binary arithmetic ----------------------------------------------------------------------------
 @op("Add", kind="pointwise")
 def add(a, b):
-    return a + b
+    return _wide_binary(torch.add, a, b) if a.dtype in WIDE_UNSIGNED else a + b
 
 
-@op("Relu", kind="pointwise")
-def relu(x):
-    return torch.relu(x)
+@op("Sub", kind="pointwise")
+def sub(a, b):
+    return _wide_binary(torch.sub, a, b) if a.dtype in WIDE_UNSIGNED else a - b
 
 
-shape_rule("Add")(broadcast_rule())
-shape_rule("Relu")(same_as_input(0))
+@op("Mul", kind="pointwise")
+def mul(a, b):
+    return _wide_binary(torch.mul, a, b) if a.dtype in WIDE_UNSIGNED else a * b
+
+
+@op("Div", kind="pointwise")
+def div(a, b):
+    if a.is_floating_point():
+        return a / b
+    if a.dtype == torch.bool:
+        return a  # x / True
+    if a.dtype == torch.uint64:  # values >= 2**63 are out of reach of int64 division
+        return _wide_binary(lambda x, y: torch.div(x, y, rounding_mode="trunc"), a, b)
+    return restore(torch.div(as_computable(a), as_computable(b), rounding_mode="trunc"), a.dtype)
+
+
+@op("Mod", kind="pointwise")
+def mod(a, b, *, fmod: int = 0):
+    """fmod=1: C fmod (sign of the dividend); fmod=0: Python/numpy remainder (sign of the divisor)."""
+    dt = a.dtype
+    x, y = as_computable(a), as_computable(b)
+    if fmod:
+        return restore(torch.fmod(x, y), dt)
+    if not a.is_floating_point():
+        return restore(torch.remainder(x, y), dt)
+    xf, yf = (x.float(), y.float()) if dt in HALF_FLOATS else (x, y)
+    r = torch.remainder(xf, yf)
+    # numpy/ONNX: a zero result takes the sign of the divisor; an infinite divisor returns x
+    # when the signs agree and y otherwise (torch agrees on the latter; be explicit anyway)
+    r = torch.where(r == 0, torch.copysign(torch.zeros_like(r), yf), r)
+    same_sign = torch.signbit(xf) == torch.signbit(yf)
+    r = torch.where(torch.isinf(yf) & torch.isfinite(xf) & (xf != 0), torch.where(same_sign, xf, yf), r)
+    return r.to(dt)
+
+
+@op("Pow", kind="pointwise")
+def pow_(x, y):
+    """The output has the base's dtype, whatever the exponent's."""
+    if x.is_floating_point():
+        if y.is_floating_point() and y.dtype != x.dtype:
+            return torch.pow(x.double(), y.double()).to(x.dtype)
+        if not y.is_floating_point():
+            y = as_computable(y)
+        return torch.pow(x, y.to(x.dtype) if y.dtype in WIDE_UNSIGNED else y)
+    if y.is_floating_point():
+        return torch.pow(as_computable(x).double(), y.double()).to(x.dtype)
+    return restore(torch.pow(as_computable(x), as_computable(y).to(torch.int64)), x.dtype)
+
+
+@op("BitShift", kind="pointwise")
+def bit_shift(x, y, *, direction: str):
+    """Shifts by a negative amount or by the bit width or more give 0 (or -1 for right shifts of negatives)."""
+    dt = x.dtype
+    bits = torch.iinfo(dt).bits
+    signed = dt.is_signed
+    a = x.to(torch.int64) if dt != torch.uint64 else x.view(torch.int64)
+    s = as_computable(y).to(torch.int64)
+    a, s = torch.broadcast_tensors(a, s)
+    out_of_range = (s < 0) | (s >= bits)
+    s_ok = torch.where(out_of_range, torch.zeros_like(s), s)
+    if direction == "RIGHT":
+        if signed or dt != torch.uint64:
+            shifted = a >> s_ok  # arithmetic shift of a value that fits: exact
+        else:  # logical shift of 64 bits: shift, then clear the sign-extended top bits
+            mask = ~((torch.full_like(a, -1) << (63 - s_ok)) << 1)  # two shifts: never by 64
+            shifted = (a >> s_ok) & mask
+        fill = torch.where(a < 0, torch.full_like(a, -1), torch.zeros_like(a)) if signed else torch.zeros_like(a)
+    elif direction == "LEFT":
+        shifted = a << s_ok  # int64 wraps; the cast below keeps the low bits
+        fill = torch.zeros_like(a)
+    else:
+        raise ValueError(f"BitShift direction must be LEFT or RIGHT, not {direction!r}")
+    out = torch.where(out_of_range, fill, shifted)
+    return out.view(torch.uint64) if dt == torch.uint64 else out.to(dt)
+
+
+def _bitwise(fn):
+    def run(a, b):
+        return _wide_binary(fn, a, b) if a.dtype in WIDE_UNSIGNED else fn(a, b)
+    return run
+
+
+for _name, _fn in {"BitwiseAnd": torch.bitwise_and, "BitwiseOr": torch.bitwise_or,
+                   "BitwiseXor": torch.bitwise_xor, "And": torch.logical_and, "Or": torch.logical_or,
+                   "Xor": torch.logical_xor}.items():
+    _f = _bitwise(_fn)
+    _f.__name__ = _name.lower()
+    op(_name, kind="pointwise")(_f)
+
+
+# -- comparison -----------------------------------------------------------------------------------
+def _compare(fn):
+    def run(a, b):
+        if a.dtype in WIDE_UNSIGNED:
+            return fn(ordered(a), ordered(b))
+        return fn(a, b)
+    return run
+
+
+for _name, _fn in {"Equal": torch.eq, "Greater": torch.gt, "GreaterOrEqual": torch.ge,
+                   "Less": torch.lt, "LessOrEqual": torch.le}.items():
+    _f = _compare(_fn)
+    _f.__name__ = _name.lower()
+    op(_name, kind="pointwise")(_f)
+    shape_rule(_name)(broadcast_rule(DType.BOOL))
+
+
+# -- variadic -------------------------------------------------------------------------------------
+def _fold(fn, xs):
+    dt = xs[0].dtype
+    acc = ordered(xs[0])
+    for x in xs[1:]:
+        acc = fn(acc, ordered(x))
+    return unordered(acc, dt)
+
+
+@op("Max", kind="pointwise")
+def max_(*xs):
+    return _fold(torch.maximum, xs)
+
+
+@op("Min", kind="pointwise")
+def min_(*xs):
+    return _fold(torch.minimum, xs)
+
+
+@op("Sum", kind="pointwise")
+def sum_(*xs):
+    dt = xs[0].dtype
+    acc = as_computable(xs[0])
+    for x in xs[1:]:
+        acc = acc + as_computable(x)
+    return restore(acc, dt)
+
+
+@op("Mean", kind="pointwise")
+def mean(*xs):
+    acc = xs[0]
+    for x in xs[1:]:
+        acc = acc + x
+    return acc / len(xs)
+
+
+@op("Where", kind="pointwise")
+def where(condition, x, y):
+    if x.dtype in WIDE_UNSIGNED:
+        return restore(torch.where(condition, as_computable(x), as_computable(y)), x.dtype)
+    return torch.where(condition, x, y)
+
+
+@op("Clip", kind="pointwise")
+def clip(x, min=None, max=None):  # noqa: A002  (ONNX input names)
+    if min is None and max is None:
+        return x
+    dt = x.dtype
+    v = ordered(x)
+    lo = ordered(min.to(dt)) if min is not None else None
+    hi = ordered(max.to(dt)) if max is not None else None
+    if lo is not None:
+        v = torch.maximum(v, lo)
+    if hi is not None:  # min > max gives max everywhere, as numpy.clip does
+        v = torch.minimum(v, hi)
+    return unordered(v, dt)
+
+
+for _name in ("Add", "Sub", "Mul", "Div", "Mod", "Pow", "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor",
+              "Max", "Min", "Sum", "Mean"):
+    shape_rule(_name)(broadcast_rule())
+for _name in ("And", "Or", "Xor"):
+    shape_rule(_name)(broadcast_rule(DType.BOOL))
+shape_rule("IsNaN", "IsInf")(lambda node: [(DType.BOOL, node.inputs[0].shape)])
+shape_rule("Clip")(same_as_input(0))
+
+
+@shape_rule("Where")
+def _where_rule(node):
+    from ..ir.shapes import broadcast_shapes
+
+    c, x, y = node.inputs
+    if c.shape is None or x.shape is None or y.shape is None:
+        return [(x.dtype, None)]
+    return [(x.dtype, broadcast_shapes(c.shape, x.shape, y.shape))]
