@@ -32,8 +32,8 @@ def tensor_from_numpy(a: np.ndarray, device: "torch.device | str" = "cpu") -> to
     a = np.asarray(a)
     name = a.dtype.name
     if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-        t = torch.from_numpy(np.ascontiguousarray(a).view(np.uint8 if a.dtype.itemsize == 1 else np.uint16).copy())
-        t = t.view(to_torch(DType(name)))
+        raw = np.ascontiguousarray(a).view(np.uint8 if a.dtype.itemsize == 1 else np.uint16).copy()
+        t = torch.from_numpy(raw).view(to_torch(DType(name))).reshape(a.shape)  # ascontiguousarray makes 0-d 1-d
     elif name in ("uint16", "uint32", "uint64"):
         t = torch.from_numpy(np.ascontiguousarray(a).copy())
     else:
