@@ -1,0 +1,95 @@
+"""Engine files: round trip, and clear errors for damaged, tampered and incompatible files."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import ember
+from ember.errors import EngineFileError
+
+from .helpers import add_mul_model, save
+
+
+@pytest.fixture()
+def engine_path(tmp_path):
+    eng = ember.build(save(add_mul_model(), tmp_path / "m.onnx"), device="cpu")
+    p = tmp_path / "m.engine"
+    eng.save(p)
+    return p
+
+
+def _ref(x):
+    return (x + np.array([0.5, -1.0, 2.0, 3.0], np.float32)) * x
+
+
+def test_round_trip_and_manifest(engine_path):
+    eng = ember.Engine.load(engine_path)
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(eng.run({"x": x})["y"], _ref(x), rtol=1e-6)
+    m = eng.manifest
+    assert m["format"] == "ember-engine" and m["format_version"] == 1
+    assert m["torch_version"] and m["ember_version"] == ember.__version__
+    assert [i["name"] for i in m["inputs"]] == ["x"] and m["inputs"][0]["shape"] == ["batch", 4]
+    with zipfile.ZipFile(engine_path) as z:
+        assert set(z.namelist()) == {"manifest.json", "graph.json", "weights.safetensors"}
+
+
+def test_truncated_file(engine_path, tmp_path):
+    data = engine_path.read_bytes()
+    p = tmp_path / "cut.engine"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineFileError, match="not an ember engine|damaged"):
+        ember.Engine.load(p)
+
+
+def _rewrite(src, dst, name, fn):
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w") as zo:
+        for item in zi.namelist():
+            data = zi.read(item)
+            zo.writestr(item, fn(data) if item == name else data)
+
+
+def test_tampered_weights(engine_path, tmp_path):
+    p = tmp_path / "tampered.engine"
+
+    def flip_last(b: bytes) -> bytes:
+        return b[:-1] + bytes([b[-1] ^ 0xFF])
+
+    _rewrite(engine_path, p, "weights.safetensors", flip_last)
+    with pytest.raises(EngineFileError, match="checksum of weights.safetensors"):
+        ember.Engine.load(p)
+
+
+def test_newer_format_version(engine_path, tmp_path):
+    p = tmp_path / "future.engine"
+
+    def bump(b: bytes) -> bytes:
+        m = json.loads(b)
+        m["format_version"] = 99
+        return json.dumps(m).encode()
+
+    _rewrite(engine_path, p, "manifest.json", bump)
+    with pytest.raises(EngineFileError, match="format version 99"):
+        ember.Engine.load(p)
+
+
+def test_not_an_engine(tmp_path):
+    p = tmp_path / "x.engine"
+    p.write_bytes(b"hello, this is not a zip file at all")
+    with pytest.raises(EngineFileError, match="not an ember engine"):
+        ember.Engine.load(p)
+    with pytest.raises(EngineFileError, match="does not exist"):
+        ember.Engine.load(tmp_path / "missing.engine")
+
+
+def test_missing_member(engine_path, tmp_path):
+    p = tmp_path / "partial.engine"
+    with zipfile.ZipFile(engine_path) as zi, zipfile.ZipFile(p, "w") as zo:
+        for item in zi.namelist():
+            if item != "graph.json":
+                zo.writestr(item, zi.read(item))
+    with pytest.raises(EngineFileError, match="has no graph.json"):
+        ember.Engine.load(p)
