@@ -43,6 +43,7 @@ def run_case(case) -> None:
     init = {t.name for t in model.graph.initializer}
     in_names = [vi.name for vi in model.graph.input if vi.name not in init]
     for inputs, expected in case.data_sets:
+        inputs, expected = [_from_proto(x) for x in inputs], [_from_proto(x) for x in expected]
         feeds = {g.name: to_torch_value(x) for g, x in zip(graph.inputs, inputs)}
         assert len(graph.inputs) == len(in_names)
         outs = interp.run(feeds)
@@ -50,6 +51,15 @@ def run_case(case) -> None:
         assert len(got) == len(expected)
         for g, e, vi in zip(got, expected, model.graph.output):
             _compare(g, e, case.rtol, case.atol, vi.name)
+
+
+def _from_proto(x):
+    """Some cases (bf16, fp16 with NaN/inf) store their data as TensorProtos instead of arrays."""
+    if isinstance(x, onnx.TensorProto):
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(x)
+    return x
 
 
 def _compare(got, exp, rtol, atol, name):
