@@ -102,7 +102,11 @@ def make_feeds(engine, input_args: "tuple[str, ...]", shapes: dict[str, tuple[in
                     if not hasattr(z, "files"):
                         raise InputError(f"--input {arg}: a bare file must be an .npz keyed by input name")
                     for k in z.files:
-                        feeds[k] = z[k]
+                        if k in names:
+                            feeds[k] = z[k]
+                        else:  # an .npz often carries labels beside the inputs
+                            click.echo(f"note: ignoring '{k}' from {arg}: the model has no input of that name",
+                                       err=True)
             except (ValueError, OSError) as e:
                 raise InputError(f"--input {arg}: cannot read it as .npz ({e})") from None
             continue
@@ -135,9 +139,10 @@ def summarize(name: str, a: Any) -> list[str]:
     if a.size and a.dtype.kind in "fiub":
         f = a.astype(np.float64)
         row += [f"{f.min():.5g}", f"{f.max():.5g}", f"{f.mean():.5g}"]
-        flat = a.reshape(-1)[:4]
+        n = 4 if a.dtype.kind == "f" else 16  # class ids read best in full
+        flat = a.reshape(-1)[:n]
         row.append(", ".join(f"{x:.4g}" if a.dtype.kind == "f" else str(x) for x in flat)
-                   + (" …" if a.size > 4 else ""))
+                   + (" …" if a.size > n else ""))
     else:
         row += ["", "", "", ""]
     return row
