@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from ..ir.graph import Graph
-from .registry import OpContext, op
+from .infer import fresh_dim
+from .registry import OpContext, op, shape_rule
 from .torch_types import to_torch
 
 
@@ -95,3 +96,49 @@ def sequence_map(input_sequence, *additional_inputs, body: Graph, ctx: OpContext
         for o, v in zip(outs, ctx.run_graph(body, args)):
             o.append(v)
     return tuple(outs)
+
+
+# -- shape rules: output types come from the bodies' declared outputs ------------------------------
+@shape_rule("If")
+def if_rule(node) -> list:
+    then_outs, else_outs = node.attrs["then_branch"].outputs, node.attrs["else_branch"].outputs
+    out = []
+    for t, e in zip(then_outs, else_outs):
+        shape = t.shape if t.shape == e.shape else (
+            tuple(a if a == b else fresh_dim() for a, b in zip(t.shape, e.shape))
+            if t.shape is not None and e.shape is not None and len(t.shape) == len(e.shape) else None)
+        out.append((t.dtype or e.dtype, shape))
+    return out
+
+
+@shape_rule("Loop")
+def loop_rule(node) -> list:
+    body_outs = node.attrs["body"].outputs[1:]
+    n_carried = len(node.inputs) - 2
+    out = [(v.dtype, v.shape) for v in node.inputs[2:]]
+    for v in body_outs[n_carried:]:
+        out.append((v.dtype, (fresh_dim(),) + tuple(v.shape) if v.shape is not None else None))
+    return out
+
+
+@shape_rule("Scan")
+def scan_rule(node) -> list:
+    n_scan = node.attrs["num_scan_inputs"]
+    n_state = len(node.inputs) - n_scan
+    xs = node.inputs[n_state:]
+    in_axes = node.attrs.get("scan_input_axes") or [0] * n_scan
+    length = None
+    if xs and xs[0].shape is not None:
+        a = in_axes[0]
+        length = xs[0].shape[a + len(xs[0].shape) if a < 0 else a]
+    out = [(v.dtype, v.shape) for v in node.inputs[:n_state]]
+    body_outs = node.attrs["body"].outputs[n_state:]
+    out_axes = node.attrs.get("scan_output_axes") or [0] * len(body_outs)
+    for v, a in zip(body_outs, out_axes):
+        if v.shape is None or length is None:
+            out.append((v.dtype, None))
+            continue
+        shape = list(v.shape)
+        shape.insert(a + len(shape) + 1 if a < 0 else a, length)
+        out.append((v.dtype, tuple(shape)))
+    return out
