@@ -113,7 +113,8 @@ for _name, _fn in {
     "Abs": _abs, "Neg": _neg, "Sign": _sign,
     "Ceil": _keep_ints(torch.ceil), "Floor": _keep_ints(torch.floor),
     "Round": _keep_ints(torch.round),  # torch.round rounds half to even, as ONNX asks
-    "Not": torch.logical_not, "BitwiseNot": torch.bitwise_not,
+    "Not": torch.logical_not,
+    "BitwiseNot": lambda x: restore(torch.bitwise_not(as_computable(x)), x.dtype),
 }.items():
     _unary(_name, _fn)
 

@@ -31,6 +31,9 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def matmul(a, b):
     if not a.is_floating_point():
         return restore(int_matmul(a, b), a.dtype)
+    if a.dtype in (torch.float16, torch.bfloat16) and a.device.type == "cpu":
+        # CPU half GEMMs may accumulate in half; FP32 accumulation is the ember (and cuBLAS) contract
+        return torch.matmul(a.float(), b.float()).to(a.dtype)
     return torch.matmul(a, b)
 
 
