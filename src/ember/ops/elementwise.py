@@ -157,15 +157,30 @@ def div(a, b):
         return a / b
     if a.dtype == torch.bool:
         return a  # x / True
-    if a.dtype == torch.uint64:  # values >= 2**63 are out of reach of int64 division
-        return _wide_binary(lambda x, y: torch.div(x, y, rounding_mode="trunc"), a, b)
+    if a.dtype == torch.uint64:
+        return _udiv64(a.view(torch.int64), b.view(torch.int64)).view(torch.uint64)
     return restore(torch.div(as_computable(a), as_computable(b), rounding_mode="trunc"), a.dtype)
+
+
+def _udiv64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unsigned 64-bit division on int64 bit patterns (torch has no uint64 division)."""
+    a, b = torch.broadcast_tensors(a, b)
+    half = (a >> 1) & (2 ** 63 - 1)  # logical shift: a / 2 fits in int64
+    b_pos = torch.where(b > 0, b, torch.ones_like(b))
+    q = torch.div(half, b_pos, rounding_mode="floor") << 1
+    r = a - q * b_pos
+    q = q + (ordered(r.view(torch.uint64)) >= ordered(b_pos.view(torch.uint64))).long()
+    # divisors >= 2**63 go into a at most once
+    return torch.where(b < 0, (ordered(a.view(torch.uint64)) >= ordered(b.view(torch.uint64))).long(), q)
 
 
 @op("Mod", kind="pointwise")
 def mod(a, b, *, fmod: int = 0):
     """fmod=1: C fmod (sign of the dividend); fmod=0: Python/numpy remainder (sign of the divisor)."""
     dt = a.dtype
+    if dt == torch.uint64:  # unsigned: both rules agree
+        x, y = a.view(torch.int64), b.view(torch.int64)
+        return (x - _udiv64(x, y) * y).view(torch.uint64)
     x, y = as_computable(a), as_computable(b)
     if fmod:
         return restore(torch.fmod(x, y), dt)
