@@ -208,24 +208,30 @@ def _resize_rule(node: Node):
 
     scales, sizes = const(2), const(3)
     a = node.attrs
-    axes = [d % len(x.shape) for d in a.get("axes") or range(len(x.shape))]
-    if sizes is not None and a.get("keep_aspect_ratio_policy", "stretch") == "stretch":
-        out = list(x.shape)
+    rank = len(x.shape)
+    axes = [d % rank for d in a.get("axes") or range(rank)]
+    policy = a.get("keep_aspect_ratio_policy", "stretch")
+    out = list(x.shape)
+    if sizes is not None and policy != "stretch":
+        if not all(isinstance(x.shape[d], int) for d in axes):
+            return [(x.dtype, None)]
+        _, _, full, _ = _resize_plan([int(d) if isinstance(d, int) else 1 for d in x.shape], None, None, sizes,
+                                     a.get("axes"), policy)
+        for d in axes:
+            out[d] = full[d]
+    elif sizes is not None:
         for i, d in enumerate(axes):
             out[d] = int(sizes[i])
-        return [(x.dtype, tuple(out))]
-    if scales is not None or sizes is not None:
-        if not all(isinstance(x.shape[d], int) for d in axes):
-            out = list(x.shape)
-            for i, d in enumerate(axes):  # symbolic dims survive only unit scales
-                if scales is None or scales[i] != 1.0:
-                    return [(x.dtype, None)]
-            return [(x.dtype, tuple(out))]
-        _, _, out, _ = _resize_plan([int(d) if isinstance(d, int) else 1 for d in x.shape], None, scales, sizes,
-                                    a.get("axes"), a.get("keep_aspect_ratio_policy", "stretch"))
-        full = [x.shape[i] if i not in axes else out[i] for i in range(len(x.shape))]
-        return [(x.dtype, tuple(full))]
-    return [(x.dtype, None)]
+    elif scales is not None:
+        for i, d in enumerate(axes):
+            if scales[i] == 1.0:
+                continue  # unit scale keeps a symbolic dim symbolic
+            if not isinstance(x.shape[d], int):
+                return [(x.dtype, None)]
+            out[d] = int(float(scales[i]) * x.shape[d])
+    else:
+        return [(x.dtype, None)]
+    return [(x.dtype, tuple(out))]
 
 
 # -- GridSample / AffineGrid ----------------------------------------------------------------------

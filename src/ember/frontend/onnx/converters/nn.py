@@ -48,13 +48,30 @@ def group_normalization_v18(b) -> None:
 
 
 def _legacy_resize(b, scales) -> None:
-    """Upsample (7-9) and Resize-10: floor(in * scale) outputs, asymmetric coordinates, nearest = floor."""
+    """Upsample (7-9) and Resize-10: floor(in * scale) outputs, asymmetric coordinates.
+
+    Their nearest mode (onnxruntime's "simple") floors on upsampled axes and ceils on downsampled
+    ones, so with constant scales that mix both, the axes are resized by two nodes."""
     mode = b.attr("mode", "nearest")
     mode = {"bilinear": "linear", "trilinear": "linear"}.get(mode, mode)
     if mode not in ("nearest", "linear"):
         b.unsupported(f"{b.proto.op_type} mode '{mode}'")
-    b.emit("Resize", [b.input(0), None, scales, None],
-           {"mode": mode, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"})
+    attrs = {"mode": mode, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    if mode == "linear" or not scales.is_const:
+        b.emit("Resize", [b.input(0), None, scales, None], attrs)
+        return
+    s = np.asarray(scales.data, dtype=np.float32).reshape(-1)
+    down = [i for i, v in enumerate(s) if v < 1.0]
+    up = [i for i, v in enumerate(s) if v > 1.0]
+    if not down:
+        b.emit("Resize", [b.input(0), None, scales, None], attrs)
+        return
+    x = b.input(0)
+    if up:
+        x = b.emit("Resize", [x, None, b.const(s[up], hint="up_scales"), None], {**attrs, "axes": up},
+                   outputs=1).outputs[0]
+    b.emit("Resize", [x, None, b.const(s[down], hint="down_scales"), None],
+           {**attrs, "axes": down, "nearest_mode": "ceil"})
 
 
 @converter("Upsample", until=8)
