@@ -1,0 +1,175 @@
+"""The one place serve touches the ember engine API. If that API moves, fix it here.
+
+An EngineAdapter loads `model.engine` (or builds `model.onnx` and caches the engine), reports
+its inputs/outputs in KServe terms, and runs it on behalf of one model instance. Every instance
+gets its own CUDA stream on GPU engines, so instances overlap on the device; runs happen on the
+instance's worker thread, never on the event loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EmberError, InputError
+from .datatypes import NUMPY_NAME_TO_KSERVE
+from .errors import BadRequestError, InferenceFailedError, RepositoryError
+
+log = logging.getLogger("ember.serve")
+
+ENGINE_FILENAMES = ("model.engine", "model.onnx")
+
+
+@dataclass(frozen=True)
+class EngineIO:
+    name: str
+    datatype: str  # KServe name
+    shape: tuple[int, ...]  # full engine shape, -1 for symbolic dims
+
+
+def _io(spec: Any) -> EngineIO:
+    dtype = str(spec.dtype).replace("torch.", "")
+    datatype = NUMPY_NAME_TO_KSERVE.get(dtype)
+    if datatype is None:
+        raise RepositoryError(f"engine tensor '{spec.name}' has dtype {dtype!r}, which KServe cannot carry")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape)
+    return EngineIO(spec.name, datatype, shape)
+
+
+def find_model_file(version_dir: Path, preferred: str | None) -> Path:
+    names = ([preferred] if preferred else []) + [n for n in ENGINE_FILENAMES if n != preferred]
+    for name in names:
+        path = version_dir / name
+        if path.is_file():
+            return path
+    raise RepositoryError(f"{version_dir}: no model file; put {' or '.join(names)} in the version folder")
+
+
+def _source_digest(version_dir: Path, onnx_file: Path) -> str:
+    """Hash of every file in the version folder (external weights included) and the ember version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    try:
+        h.update(version("ember").encode())
+    except PackageNotFoundError:
+        h.update(b"ember-dev")
+    for path in sorted(p for p in version_dir.rglob("*") if p.is_file() and p.suffix != ".engine"):
+        h.update(str(path.relative_to(version_dir)).encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    h.update(onnx_file.name.encode())
+    return h.hexdigest()[:24]
+
+
+class EngineAdapter:
+    """Wraps an `ember.Engine` for serving."""
+
+    def __init__(self, engine: Any, path: Path):
+        self.engine = engine
+        self.path = path
+        self.inputs = [_io(s) for s in engine.inputs]
+        self.outputs = [_io(s) for s in engine.outputs]
+        self.device = str(getattr(engine, "device", "cpu"))
+        self._local = threading.local()
+
+    @classmethod
+    def load(cls, version_dir: Path, preferred: str | None, cache_dir: Path | None, label: str) -> "EngineAdapter":
+        """Load the engine of one model version; an ONNX file is built once and cached."""
+        path = find_model_file(version_dir, preferred)
+        try:
+            import ember
+        except ImportError as e:  # pragma: no cover - ember itself is broken
+            raise RepositoryError(f"{label}: cannot import ember: {e}") from e
+        try:
+            if path.suffix != ".onnx":
+                return cls(ember.Engine.load(str(path)), path)
+            return cls(cls._build_cached(ember, path, version_dir, cache_dir, label), path)
+        except EmberError as e:
+            raise RepositoryError(f"{label}: {path}: {e}") from e
+        except (OSError, ValueError, RuntimeError) as e:
+            raise RepositoryError(f"{label}: failed to load {path}: {type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _build_cached(ember: Any, onnx_path: Path, version_dir: Path, cache_dir: Path | None, label: str) -> Any:
+        cached = None
+        if cache_dir is not None:
+            cached = cache_dir / f"{label.replace('/', '_')}-{_source_digest(version_dir, onnx_path)}.engine"
+            if cached.is_file():
+                try:
+                    log.info("%s: using cached engine %s", label, cached)
+                    return ember.Engine.load(str(cached))
+                except EmberError as e:
+                    log.warning("%s: cached engine %s is unusable (%s); rebuilding", label, cached, e)
+        log.info("%s: building engine from %s", label, onnx_path)
+        engine = ember.build(str(onnx_path))
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                engine.save(str(tmp))
+                os.replace(tmp, cached)
+            except (OSError, EmberError) as e:
+                log.warning("%s: could not cache the engine in %s (%s); it will be rebuilt next load", label,
+                            cache_dir, e)
+        return engine
+
+    # ---- running (on an instance's worker thread) -------------------------------------------------------
+
+    def _stream(self) -> Any:
+        stream = getattr(self._local, "stream", None)
+        if stream is None and self.device.startswith("cuda"):
+            import torch
+
+            stream = self._local.stream = torch.cuda.Stream()
+        return stream
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once. Raises BadRequestError for input problems, InferenceFailedError otherwise."""
+        feed: dict[str, Any] = {}
+        for io in self.inputs:
+            arr = inputs[io.name]
+            feed[io.name] = _bf16_in(arr) if io.datatype == "BF16" else arr
+        try:
+            stream = self._stream()
+            if stream is None:
+                out = self.engine.run(feed)
+            else:
+                import torch
+
+                with torch.cuda.stream(stream):
+                    out = self.engine.run(feed)
+                stream.synchronize()
+        except InputError as e:
+            raise BadRequestError(str(e)) from e
+        except Exception as e:  # the engine is not ours to trust: report it, keep serving
+            raise InferenceFailedError(f"engine {self.path} failed: {type(e).__name__}: {e}") from e
+        return {k: _to_numpy(v) for k, v in out.items()}
+
+
+def _bf16_in(arr: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+
+
+def _to_numpy(v: Any) -> np.ndarray:
+    if isinstance(v, np.ndarray):
+        return v
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return np.asarray(v)
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+    return np.asarray(v)

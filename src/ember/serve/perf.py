@@ -1,0 +1,307 @@
+"""Load generator behind `ember perf` (like Triton's perf_analyzer).
+
+For each concurrency level, that many client threads send requests back to back for a fixed
+time (after a short warm-up that is not measured) over HTTP (binary tensors, keep-alive) or
+gRPC. Reports throughput and latency percentiles per level; failures are counted by reason,
+never hidden.
+"""
+from __future__ import annotations
+
+import csv
+import http.client
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ..errors import EmberError
+from .datatypes import KSERVE_TO_NUMPY, tensor_to_raw
+
+
+class PerfError(EmberError):
+    """The target server or model cannot be measured (unreachable, unknown model, bad shape)."""
+
+
+@dataclass
+class PerfTarget:
+    url: str  # host:port, or http://host:port
+    model: str
+    version: str = ""
+    protocol: str = "http"  # http | grpc
+    batch_size: int = 1
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # overrides for variable dims
+    binary: bool = True  # HTTP: binary tensors (else JSON)
+    token: str | None = None
+    timeout_s: float = 30.0
+
+
+@dataclass
+class PerfResult:
+    concurrency: int
+    requests: int
+    failures: int
+    duration_s: float
+    throughput: float  # inferences per second (requests x batch size)
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    avg_ms: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {"concurrency": self.concurrency, "throughput_infer_per_s": round(self.throughput, 2),
+                "p50_ms": round(self.p50_ms, 3), "p90_ms": round(self.p90_ms, 3), "p95_ms": round(self.p95_ms, 3),
+                "p99_ms": round(self.p99_ms, 3), "avg_ms": round(self.avg_ms, 3), "requests": self.requests,
+                "failures": self.failures}
+
+
+def _hostport(url: str) -> tuple[str, int]:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if not parts.hostname or not parts.port:
+        raise PerfError(f"url '{url}' needs a host and port, like 127.0.0.1:8000")
+    return parts.hostname, parts.port
+
+
+def _http(target: PerfTarget, method: str, path: str, body: bytes | None = None,
+          headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    host, port = _hostport(target.url)
+    conn = http.client.HTTPConnection(host, port, timeout=target.timeout_s)
+    h = dict(headers or {})
+    if target.token:
+        h["Authorization"] = f"Bearer {target.token}"
+    try:
+        conn.request(method, path, body=body, headers=h)
+        r = conn.getresponse()
+        return r.status, r.read()
+    except OSError as e:
+        raise PerfError(f"cannot reach {target.url}: {e}; is `ember serve` running?") from None
+    finally:
+        conn.close()
+
+
+def _model_path(target: PerfTarget) -> str:
+    return f"/v2/models/{target.model}" + (f"/versions/{target.version}" if target.version else "")
+
+
+def fetch_metadata(target: PerfTarget) -> tuple[dict, dict]:
+    """(metadata, config) of the target model, over HTTP or gRPC."""
+    if target.protocol == "grpc":
+        import grpc
+        from google.protobuf import json_format
+
+        from . import grpc_service_pb2 as pb
+        from . import grpc_service_pb2_grpc as pb_grpc
+
+        host, port = _hostport(target.url)
+        md = [("authorization", f"Bearer {target.token}")] if target.token else None
+        with grpc.insecure_channel(f"{host}:{port}") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            try:
+                meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=target.model, version=target.version),
+                                          metadata=md, timeout=target.timeout_s)
+                cfg = stub.ModelConfig(pb.ModelConfigRequest(name=target.model, version=target.version),
+                                       metadata=md, timeout=target.timeout_s)
+            except grpc.RpcError as e:
+                raise PerfError(f"{target.url}: {e.code().name}: {e.details()}") from None
+        to_dict = lambda m: json_format.MessageToDict(m, preserving_proto_field_name=True)  # noqa: E731
+        meta_d = to_dict(meta)
+        for t in meta_d.get("inputs", []) + meta_d.get("outputs", []):
+            t["shape"] = [int(d) for d in t.get("shape", [])]
+        return meta_d, to_dict(cfg.config)
+    status, body = _http(target, "GET", _model_path(target))
+    if status != 200:
+        raise PerfError(f"{target.url}: model '{target.model}': HTTP {status}: {body[:300].decode(errors='replace')}")
+    meta = json.loads(body)
+    status, body = _http(target, "GET", _model_path(target) + "/config")
+    return meta, (json.loads(body) if status == 200 else {})
+
+
+def make_inputs(target: PerfTarget, meta: dict, config: dict) -> dict[str, tuple[str, np.ndarray]]:
+    batched = int(config.get("max_batch_size", 0) or 0) > 0
+    rng = np.random.default_rng(0)
+    out = {}
+    for t in meta["inputs"]:
+        name, dt = t["name"], t["datatype"]
+        shape = list(target.shapes.get(name, t["shape"]))
+        if batched and name not in target.shapes:
+            shape[0] = target.batch_size
+        if any(d < 0 for d in shape):
+            raise PerfError(f"input '{name}' has variable dims {t['shape']}; give them with --shape {name}:1,2,3")
+        dtype = KSERVE_TO_NUMPY[dt]
+        if dt == "BYTES":
+            arr = np.full(shape, b"ember", dtype=object)
+        elif dtype.kind == "f":
+            arr = rng.random(shape).astype(dtype)
+        elif dtype.kind == "b":
+            arr = rng.integers(0, 2, shape).astype(bool)
+        else:
+            arr = rng.integers(0, 2, shape).astype(dtype)
+        out[name] = (dt, arr)
+    return out
+
+
+def _http_sender(target: PerfTarget, inputs: dict[str, tuple[str, np.ndarray]]) -> Callable[[], Callable[[], str]]:
+    host, port = _hostport(target.url)
+    path = _model_path(target) + "/infer"
+    entries, blobs = [], []
+    for name, (dt, arr) in inputs.items():
+        e: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
+        if target.binary:
+            raw = tensor_to_raw(arr, dt)
+            e["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            e["data"] = arr.reshape(-1).tolist() if dt != "BYTES" else [x.decode() for x in arr.reshape(-1)]
+        entries.append(e)
+    doc = {"inputs": entries, "parameters": {"binary_data_output": target.binary}}
+    header = json.dumps(doc).encode()
+    body = header + b"".join(blobs)
+    headers = {"Content-Type": "application/octet-stream" if blobs else "application/json"}
+    if blobs:
+        headers["Inference-Header-Content-Length"] = str(len(header))
+    if target.token:
+        headers["Authorization"] = f"Bearer {target.token}"
+
+    def make() -> Callable[[], str]:
+        conn = http.client.HTTPConnection(host, port, timeout=target.timeout_s)
+
+        def send() -> str:
+            nonlocal conn
+            try:
+                conn.request("POST", path, body=body, headers=headers)
+                r = conn.getresponse()
+                r.read()
+                if r.status != 200:
+                    return f"HTTP {r.status}"
+                return ""
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=target.timeout_s)
+                return type(e).__name__
+        return send
+
+    return make
+
+
+def _grpc_sender(target: PerfTarget, inputs: dict[str, tuple[str, np.ndarray]]) -> Callable[[], Callable[[], str]]:
+    import grpc
+
+    from . import grpc_service_pb2 as pb
+    from . import grpc_service_pb2_grpc as pb_grpc
+
+    host, port = _hostport(target.url)
+    req = pb.ModelInferRequest(model_name=target.model, model_version=target.version)
+    for name, (dt, arr) in inputs.items():
+        req.inputs.add(name=name, datatype=dt, shape=list(arr.shape))
+        req.raw_input_contents.append(tensor_to_raw(arr, dt))
+    md = [("authorization", f"Bearer {target.token}")] if target.token else None
+    channel = grpc.insecure_channel(f"{host}:{port}", options=[("grpc.max_receive_message_length", -1)])
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+    def make() -> Callable[[], str]:
+        def send() -> str:
+            try:
+                stub.ModelInfer(req, metadata=md, timeout=target.timeout_s)
+                return ""
+            except grpc.RpcError as e:
+                return f"gRPC {e.code().name}"
+        return send
+
+    return make
+
+
+def measure(target: PerfTarget, concurrency: int, duration_s: float, warmup_s: float = 1.0,
+            make_sender: Callable[[], Callable[[], str]] | None = None) -> PerfResult:
+    """Run one concurrency level and return its numbers."""
+    if make_sender is None:
+        meta, config = fetch_metadata(target)
+        inputs = make_inputs(target, meta, config)
+        make_sender = (_grpc_sender if target.protocol == "grpc" else _http_sender)(target, inputs)
+    start = time.perf_counter()
+    t_measure, t_end = start + warmup_s, start + warmup_s + duration_s
+    lat: list[list[float]] = [[] for _ in range(concurrency)]
+    errs: list[Counter] = [Counter() for _ in range(concurrency)]
+
+    def client(i: int) -> None:
+        send = make_sender()
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= t_end:
+                return
+            err = send()
+            t1 = time.perf_counter()
+            if t0 >= t_measure:
+                if err:
+                    errs[i][err] += 1
+                else:
+                    lat[i].append(t1 - t0)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration_s + warmup_s + target.timeout_s + 10)
+    all_lat = np.array([x for per in lat for x in per]) * 1000.0
+    errors: Counter = Counter()
+    for c in errs:
+        errors.update(c)
+    n = len(all_lat)
+    pct = np.percentile(all_lat, [50, 90, 95, 99]) if n else np.full(4, float("nan"))
+    return PerfResult(concurrency, n, sum(errors.values()), duration_s, n * target.batch_size / duration_s,
+                      *[float(p) for p in pct], float(all_lat.mean()) if n else float("nan"), dict(errors))
+
+
+def sweep(target: PerfTarget, levels: list[int], duration_s: float, warmup_s: float = 1.0,
+          on_result: Callable[[PerfResult], None] | None = None) -> list[PerfResult]:
+    meta, config = fetch_metadata(target)
+    inputs = make_inputs(target, meta, config)
+    make_sender = (_grpc_sender if target.protocol == "grpc" else _http_sender)(target, inputs)
+    results = []
+    for c in levels:
+        r = measure(target, c, duration_s, warmup_s, make_sender)
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+    return results
+
+
+def write_csv(path: str, results: list[PerfResult]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(results[0].row()) if results else ["concurrency"])
+        w.writeheader()
+        for r in results:
+            w.writerow(r.row())
+
+
+def parse_range(text: str) -> list[int]:
+    """'1:16:2' (start:end:step, like perf_analyzer), '1,2,4,8', or '8'."""
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            start, end = parts[0], parts[1] if len(parts) > 1 else parts[0]
+            step = parts[2] if len(parts) > 2 else 1
+            if step < 1:
+                raise ValueError
+            return list(range(start, end + 1, step))
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise PerfError(f"concurrency range '{text}' is not start:end:step or a comma list of integers") from None
+
+
+def parse_shapes(items: tuple[str, ...]) -> dict[str, list[int]]:
+    out = {}
+    for item in items:
+        name, _, dims = item.partition(":")
+        try:
+            out[name] = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError:
+            raise PerfError(f"--shape '{item}' must look like name:1,3,224,224") from None
+        if not name or not out[name]:
+            raise PerfError(f"--shape '{item}' must look like name:1,3,224,224")
+    return out

@@ -1,0 +1,256 @@
+"""The server process: HTTP (uvicorn), gRPC (grpc.aio) and an optional metrics port on one
+event loop, the model repository, and graceful shutdown.
+
+Startup binds every port first (a busy port is a clear error, not a stack trace), then loads
+the models; /v2/health/ready turns true once every startup model is loaded and warmed up.
+On SIGTERM or SIGINT the server turns unready, stops accepting, lets every accepted request
+finish (up to --drain-timeout), unloads the models and returns.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+
+from .core import InferenceService, ServerSettings
+from .errors import RepositoryError
+from .grpc_server import build_grpc_server
+from .http_app import build_http_app, build_metrics_app
+
+log = logging.getLogger("ember.serve")
+
+
+class ServeStartupError(RepositoryError):
+    """The server could not start: a port is busy, or a model failed to load with --strict."""
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the InferenceServer owns SIGTERM/SIGINT."""
+
+    def capture_signals(self):  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServeStartupError(f"cannot bind the {what} port {host}:{port}: {e.strerror}; pick another with "
+                                f"--{what}-port") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class InferenceServer:
+    def __init__(self, settings: ServerSettings, max_connections: int = 2048):
+        self.settings = settings
+        self.max_connections = max_connections
+        self.service: InferenceService | None = None
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self.metrics_port: int | None = None
+        self._stop = asyncio.Event()
+        self._uvicorns: list[tuple[_Uvicorn, asyncio.Task]] = []
+        self._grpc: Any = None
+        self._poll_task: asyncio.Task | None = None
+
+    def _uvicorn(self, app: Any, sock: socket.socket) -> None:
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=int(self.settings.drain_timeout_s) or None,
+                                limit_concurrency=self.max_connections, server_header=False)
+        server = _Uvicorn(config)
+        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+        self._uvicorns.append((server, task))
+
+    async def start(self) -> None:
+        s = self.settings
+        self.service = service = InferenceService(s)
+        socks = []
+        if s.http_port is not None:
+            socks.append(("http", _bind(s.host, s.http_port, "http")))
+        if s.metrics_port is not None:
+            socks.append(("metrics", _bind(s.host, s.metrics_port, "metrics")))
+        if s.grpc_port is not None:
+            self._grpc = build_grpc_server(service)
+            addr = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
+            try:
+                port = self._grpc.add_insecure_port(addr)
+            except RuntimeError as e:
+                port = 0
+                log.debug("gRPC bind failed: %s", e)
+            if port == 0:
+                for _, sock in socks:
+                    sock.close()
+                raise ServeStartupError(f"cannot bind the grpc port {addr}; pick another with --grpc-port")
+            self.grpc_port = port
+            await self._grpc.start()
+        for what, sock in socks:
+            port = sock.getsockname()[1]
+            if what == "http":
+                self.http_port = port
+                self._uvicorn(build_http_app(service, metrics_here=s.metrics_port is None), sock)
+            else:
+                self.metrics_port = port
+                self._uvicorn(build_metrics_app(service), sock)
+        log.info("ember serve: http %s, grpc %s, metrics %s, repository %s", self.http_port, self.grpc_port,
+                 self.metrics_port or self.http_port, s.repository)
+        names = s.load_models
+        if names is None and s.model_control_mode == "explicit":
+            names = None  # explicit mode with no --load-model loads everything, like Triton's --load-model=*
+        failed = await service.repository.load_all(names)
+        if failed and s.strict:
+            await self.shutdown()
+            lines = "\n".join(f"  - {n}: {msg}" for n, msg in failed.items())
+            raise ServeStartupError(f"{len(failed)} model(s) failed to load:\n{lines}\n"
+                                    "Fix them, or start with --no-strict to serve the others.")
+        service.started = True
+        if s.model_control_mode == "poll":
+            self._poll_task = asyncio.get_running_loop().create_task(service.poll_forever())
+        log.info("ember serve is ready")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        """Turn unready, stop accepting, finish accepted requests, unload the models."""
+        service = self.service
+        if service is None:
+            return
+        service.shutting_down = True
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+        grace = self.settings.drain_timeout_s
+        stops = []
+        if self._grpc is not None:
+            stops.append(self._grpc.stop(grace))
+        for server, task in self._uvicorns:
+            server.should_exit = True
+            stops.append(task)
+        results = await asyncio.gather(*stops, return_exceptions=True)
+        for r in results:
+            if isinstance(r, Exception):
+                log.warning("front end stopped with %s: %s", type(r).__name__, r)
+        try:
+            await asyncio.wait_for(service.repository.close(), grace)
+        except asyncio.TimeoutError:
+            log.error("models did not drain within %.0f s; exiting anyway", grace)
+        self._uvicorns.clear()
+        log.info("ember serve stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT (or request_stop), then drain and return."""
+        loop = asyncio.get_running_loop()
+        installed = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.add_signal_handler(sig, self._on_signal, sig)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError):
+                    pass
+        try:
+            await self.start()
+            await self.wait()
+        finally:
+            await self.shutdown()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stop.is_set():
+            log.warning("second %s: exiting now without draining", signal.Signals(sig).name)
+            os._exit(1)
+        log.info("%s received: draining in-flight requests", signal.Signals(sig).name)
+        self._stop.set()
+
+
+class ServerThread:
+    """Run an InferenceServer on a background thread (notebooks, tests, embedding).
+
+        with ServerThread(ServerSettings(repo, http_port=0, grpc_port=0)) as srv:
+            url = f"127.0.0.1:{srv.http_port}"
+    """
+
+    def __init__(self, settings: ServerSettings, startup_timeout_s: float = 120.0):
+        self.settings = settings
+        self.startup_timeout_s = startup_timeout_s
+        self.server: InferenceServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.server.http_port if self.server else None
+
+    @property
+    def grpc_port(self) -> int | None:
+        return self.server.grpc_port if self.server else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.server.metrics_port if self.server else None
+
+    @property
+    def service(self) -> InferenceService:
+        assert self.server is not None and self.server.service is not None
+        return self.server.service
+
+    def call(self, coro: Any, timeout: float = 60.0) -> Any:
+        """Run a coroutine on the server's loop from another thread and return its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> "ServerThread":
+        self._thread = threading.Thread(target=self._main, name="ember-serve", daemon=True)
+        self._thread.start()
+        if not self._started.wait(self.startup_timeout_s):
+            raise ServeStartupError(f"the server did not start within {self.startup_timeout_s:.0f} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self.server = InferenceServer(self.settings)
+            try:
+                await self.server.start()
+            except BaseException as e:
+                self._error = e
+                self._started.set()
+                return
+            self._started.set()
+            try:
+                await self.server.wait()
+            finally:
+                await self.server.shutdown()
+
+        asyncio.run(main())
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self._loop is not None and self.server is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.server.request_stop)
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
