@@ -307,3 +307,16 @@ def linear_attention(query, key, value, past_state=None, decay=None, beta=None, 
     out = torch.stack(outs, dim=2)  # (B, Hq, T, d_v)
     out = out.transpose(1, 2).reshape(b, t, q_num_heads * d_v).to(query.dtype)
     return out, state.to(state_dtype)
+
+
+@shape_rule("LinearAttention")
+def _linear_attention_shape(node: Node) -> list[TypeInfo]:
+    q, _, v = node.inputs[:3]
+    hq, hkv = node.attrs["q_num_heads"], node.attrs["kv_num_heads"]
+    past = node.inputs[3] if len(node.inputs) > 3 else None
+    if q.shape is None or v.shape is None:
+        return [(q.dtype, None), (past.dtype if past is not None else q.dtype, None)]
+    d_k, d_v = q.shape[2] // hq, v.shape[2] // hkv
+    state_dtype = past.dtype if past is not None else q.dtype
+    return [(q.dtype, (q.shape[0], q.shape[1], hq * d_v)), (state_dtype, (q.shape[0], hkv, d_k, d_v))]
+

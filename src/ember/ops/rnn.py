@@ -186,8 +186,9 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
         f, g, hact = acts[3 * d], acts[3 * d + 1], acts[3 * d + 2]
         gates = x @ W[d].T + h @ R[d].T + b[d]
         p_i, p_o, p_f = peep[d, :H], peep[d, H:2 * H], peep[d, 2 * H:]
-        forget = f(_clip(gates[:, 2 * H:3 * H] + p_f * c, clip))
-        inp = 1 - forget if input_forget else f(_clip(gates[:, :H] + p_i * c, clip))
+        inp = f(_clip(gates[:, :H] + p_i * c, clip))
+        # input_forget couples the gates as onnxruntime does: the forget gate is 1 - input gate
+        forget = 1 - inp if input_forget else f(_clip(gates[:, 2 * H:3 * H] + p_f * c, clip))
         cand = g(_clip(gates[:, 3 * H:], clip))
         c_new = forget * c + inp * cand
         o = f(_clip(gates[:, H:2 * H] + p_o * c_new, clip))
@@ -231,3 +232,12 @@ def causal_conv_with_state(input, weight, bias=None, past_state=None, *, activat
         y32 = y.to(cdt)
         y = (y32 * torch.sigmoid(y32)).to(input.dtype)
     return y, padded[:, :, padded.shape[2] - (k - 1):]
+
+
+@shape_rule("CausalConvWithState")
+def _causal_conv_shape(node: Node) -> list[TypeInfo]:
+    x, w = node.inputs[:2]
+    if x.shape is None or w.shape is None:
+        return [(x.dtype, x.shape), (x.dtype, None)]
+    return [(x.dtype, x.shape), (x.dtype, (x.shape[0], x.shape[1], w.shape[2] - 1))]
+
