@@ -156,4 +156,4 @@ def image_decoder(encoded_stream, *, pixel_format: str = "RGB"):
         img = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[..., None]
     else:
         img = rgb
-    return torch.from_numpy(np.ascontiguousarray(img)).to(encoded_stream.device)
+    return torch.from_numpy(np.array(img, copy=True)).to(encoded_stream.device)

@@ -6,7 +6,17 @@ from typing import Optional
 import torch
 
 from .registry import op
+from .index import as_movable, restore
 from .tensor import norm_axis
+
+
+def _sort_key(x: torch.Tensor) -> torch.Tensor:
+    """A tensor ordered like x that torch can sort on every device (CUDA lacks unsigned sorts)."""
+    if x.dtype in (torch.uint16, torch.uint32):
+        return x.to(torch.int64)
+    if x.dtype == torch.uint64:  # flipping the sign bit maps unsigned order onto signed order
+        return x.view(torch.int64) ^ torch.iinfo(torch.int64).min
+    return x
 
 
 @op("TopK", kind="other")
@@ -14,8 +24,10 @@ def top_k(X, K, *, axis: int = -1, largest: int = 1, sorted: int = 1):
     axis = norm_axis(axis, X.dim())
     k = int(K.reshape(-1)[0].item())
     # a stable sort keeps the lower index first among equal values (torch.topk does not promise it)
-    values, indices = torch.sort(X, dim=axis, descending=bool(largest), stable=True)
-    return values.narrow(axis, 0, k), indices.narrow(axis, 0, k)
+    _, indices = torch.sort(_sort_key(X), dim=axis, descending=bool(largest), stable=True)
+    indices = indices.narrow(axis, 0, k)
+    values = torch.gather(as_movable(X), axis, indices)
+    return restore(values, X.dtype), indices
 
 
 @op("Unique", kind="other")
