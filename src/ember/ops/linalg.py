@@ -68,6 +68,8 @@ def einsum(*inputs, equation: str):
     eq = equation.replace(" ", "")
     if inputs and not inputs[0].is_floating_point():
         dt = inputs[0].dtype
+        if inputs[0].device.type != "cpu":  # no integer bmm on CUDA: float64 is exact below 2**53
+            return torch.einsum(eq, *[as_computable(x).double() for x in inputs]).round().to(torch.int64).to(dt)
         return restore(torch.einsum(eq, *[as_computable(x).to(torch.int64) for x in inputs]), dt)
     if inputs and inputs[0].dtype in (torch.float16, torch.bfloat16) and inputs[0].device.type == "cpu":
         return torch.einsum(eq, *[x.float() for x in inputs]).to(inputs[0].dtype)

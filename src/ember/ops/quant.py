@@ -3,8 +3,7 @@ DynamicQuantizeLinear, QLinearMatMul.
 
 Cast's ``to`` is the ONNX TensorProto element-type number (as in ONNX), or an ember dtype name.
 FP8 casts follow ONNX's tables: with ``saturate`` finite overflow and infinities clamp to the
-largest finite value; without it they become NaN (E4M3FN) or infinity (E5M2), which is what
-torch's own conversion does.
+largest finite value; without it they become NaN (E4M3FN) or infinity (E5M2).
 """
 from __future__ import annotations
 
@@ -41,6 +40,8 @@ def cast_tensor(x: torch.Tensor, dtype: torch.dtype, saturate: int = 1) -> torch
         if saturate:
             fmax = torch.finfo(dtype).max
             v = torch.where(torch.isnan(v), v, v.clamp(-fmax, fmax))
+        elif dtype == torch.float8_e4m3fn:  # torch saturates; ONNX wants NaN past the rounding range
+            v = torch.where(v.abs() > 464.0, torch.full_like(v, float("nan")), v)
         return v.to(dtype)
     if x.dtype in FP8:
         x = x.float()
