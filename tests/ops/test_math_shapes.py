@@ -105,6 +105,11 @@ def test_casts_and_quantization():
     assert one("QuantizeLinear", [In((B, S)), scale, np.int8(0)]) == (DType.INT8, (B, S))
     assert one("QuantizeLinear", [In((B, S)), scale]) == (DType.UINT8, (B, S))
     assert one("DequantizeLinear", [In((B, S), DType.INT8), scale]) == (F32, (B, S))
+    assert infer("DynamicQuantizeLinear", [In((B, S))], n_out=3) == [(DType.UINT8, (B, S)), (F32, ()),
+                                                                      (DType.UINT8, ())]
+    u8, zp = np.uint8(128), np.uint8(128)
+    assert one("QLinearMatMul", [In((B, S, 64), DType.UINT8), scale, u8, np.zeros((64, 32), np.uint8), scale, zp,
+                                 scale, zp]) == (DType.UINT8, (B, S, 32))
 
 
 def test_losses():

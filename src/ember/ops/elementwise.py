@@ -95,7 +95,7 @@ def _abs(x):
 
 
 def _neg(x):
-    return _wide_binary(lambda a, _: -a, x, x) if x.dtype in WIDE_UNSIGNED else torch.neg(x)
+    return restore(-as_computable(x), x.dtype) if x.dtype in WIDE_UNSIGNED else torch.neg(x)
 
 
 def _sign(x):

@@ -13,7 +13,7 @@ import torch
 
 from ..ir.dtypes import DType, ONNX_TO_DTYPE
 from .elementwise import as_computable
-from .linalg import int_matmul
+from .linalg import int_matmul, matmul_shape
 from .registry import op, shape_rule
 from .torch_types import to_torch
 
@@ -185,3 +185,17 @@ def _dequantize_rule(node):
     od = node.attrs.get("output_dtype", 0)
     return [(dtype_of_attr(od) if od else scale.dtype, x.shape)]
 
+
+
+@shape_rule("DynamicQuantizeLinear")
+def _dynamic_quantize_rule(node):
+    x = node.inputs[0]
+    return [(DType.UINT8, x.shape), (x.dtype, ()), (DType.UINT8, ())]
+
+
+@shape_rule("QLinearMatMul")
+def _qlinear_matmul_rule(node):
+    a, b, y_zp = node.inputs[0], node.inputs[3], node.inputs[7]
+    if a.shape is None or b.shape is None:
+        return [(y_zp.dtype, None)]
+    return [(y_zp.dtype, matmul_shape(a.shape, b.shape))]
