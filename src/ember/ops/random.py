@@ -1,12 +1,16 @@
 """Random ops and Dropout.
 
-A ``seed`` attribute makes an op reproducible: it seeds a private generator for that call, so the
-same node gives the same numbers on every run. Without a seed the global torch generator is used.
+With a ``seed`` attribute the numbers come from numpy's ``RandomState(seed)`` (MT19937), drawn the
+way the ONNX reference implementation draws them: a seeded node gives the same numbers on every
+run and device, and the same numbers as the reference. Seeded draws are made on the host (these
+ops are rare at inference and run once per call). Without a seed the device's torch generator is
+used, which is fast and not reproducible, as ONNX allows.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .registry import op
@@ -14,23 +18,26 @@ from .shape import onnx_dtype
 from .torch_types import to_torch
 
 
-def _generator(seed: Optional[float], device: torch.device) -> Optional[torch.Generator]:
-    if seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
-    return g
+def _draw(kind: str, shape, seed: Optional[float], device: torch.device, wide: bool) -> torch.Tensor:
+    """Standard uniform [0, 1) or normal samples, float64 if ``wide`` else float32."""
+    shape = tuple(int(d) for d in shape)
+    dtype = torch.float64 if wide else torch.float32
+    if seed is not None and not np.isnan(seed):
+        state = np.random.RandomState(int(seed))
+        a = state.rand(*shape) if kind == "uniform" else state.randn(*shape)
+        return torch.from_numpy(np.asarray(a, dtype=np.float64)).to(device=device, dtype=dtype)
+    if kind == "uniform":
+        return torch.rand(shape, dtype=dtype, device=device)
+    return torch.randn(shape, dtype=dtype, device=device)
 
 
 def _uniform(shape, dtype: torch.dtype, low: float, high: float, seed, device) -> torch.Tensor:
-    r = torch.rand(tuple(shape), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                   device=device, generator=_generator(seed, device))
+    r = _draw("uniform", shape, seed, device, dtype == torch.float64)
     return (r * (high - low) + low).to(dtype)
 
 
 def _normal(shape, dtype: torch.dtype, mean: float, scale: float, seed, device) -> torch.Tensor:
-    r = torch.randn(tuple(shape), dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                    device=device, generator=_generator(seed, device))
+    r = _draw("normal", shape, seed, device, dtype == torch.float64)
     return (r * scale + mean).to(dtype)
 
 
@@ -63,8 +70,12 @@ def random_normal_like(input, *, dtype: Optional[int] = None, mean: float = 0.0,
 @op("Bernoulli", kind="other")
 def bernoulli(input, *, dtype: Optional[int] = None, seed: Optional[float] = None):
     dt = onnx_dtype(dtype) if dtype is not None else input.dtype
+    if seed is not None and not np.isnan(seed):
+        p = input.detach().to(torch.float64).cpu().numpy()
+        draws = np.random.RandomState(int(seed)).binomial(1, p=p)
+        return torch.from_numpy(np.asarray(draws)).to(device=input.device, dtype=dt)
     p = input.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
-    return torch.bernoulli(p, generator=_generator(seed, input.device)).to(dt)
+    return torch.bernoulli(p).to(dt)
 
 
 @op("Dropout", kind="pointwise")
@@ -74,9 +85,10 @@ def dropout(data, ratio=None, training_mode=None, *, seed: Optional[int] = None,
     if not training or r == 0.0:
         out, mask = data, torch.ones(data.shape, dtype=torch.bool, device=data.device)
     else:
-        keep = _uniform(data.shape, torch.float32, 0.0, 1.0, seed, data.device) >= r
-        out = torch.where(keep, data * (1.0 / (1.0 - r)), torch.zeros((), dtype=data.dtype, device=data.device))
-        out, mask = out.to(data.dtype), keep
+        keep = _draw("uniform", data.shape, seed, data.device, wide=True) >= r
+        scaled = data * (1.0 / (1.0 - r))
+        out = torch.where(keep, scaled, torch.zeros((), dtype=data.dtype, device=data.device)).to(data.dtype)
+        mask = keep
     if ctx.num_outputs < 2:
         return out
     mask_dtype = ctx.output_dtypes[1] if len(ctx.output_dtypes) > 1 else None

@@ -153,6 +153,10 @@ def pad(data, pads, constant_value=None, axes=None, *, mode: str = "constant"):
     pad_mask = None  # positions that take constant_value: an OR of per-axis masks, size 1 elsewhere
     for i, a in enumerate(ax):
         before, after = p[i], p[i + n_ax]
+        if before < 0 or after < 0:  # crop first: wrap/reflect/edge read the cropped data
+            lo, hi = max(-before, 0), max(-after, 0)
+            out = out.narrow(a, lo, max(out.shape[a] - lo - hi, 0))
+            before, after = max(before, 0), max(after, 0)
         if before == 0 and after == 0:
             continue
         idx, is_pad = _pad_source_index(out.shape[a], before, after, mode, data.device)
