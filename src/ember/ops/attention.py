@@ -143,15 +143,14 @@ def attention(Q, K, V, attn_mask=None, past_key=None, past_value=None, nonpad_kv
             is_causal=bool(is_causal), scale=float(scale), enable_gqa=q_heads != kv_heads)
         return _finish(y.to(out_dtype), rank3, present_key, present_value, None)
 
-    # The spec's function body computes every step in the input type; for fp16/bf16 each step runs in
-    # fp32 and is rounded back, which reproduces it to the last bit in practice.
-    # On the GPU the reference keeps fp32 accumulation (what the fused kernels do).
-    if out_dtype in _HALF and not Q.is_cuda:
-        def rnd(t: torch.Tensor) -> torch.Tensor:
-            return t.to(out_dtype).to(cdt)
-    else:
-        def rnd(t: torch.Tensor) -> torch.Tensor:
-            return t
+    # The spec's function body computes every step in the input type. On the CPU, fp16/bf16 steps run
+    # in fp32 and are rounded back after each one, which reproduces the spec's numbers to the bit in
+    # practice; on the GPU the reference keeps fp32 throughout, as the fused kernels do.
+    emulate_storage = out_dtype in _HALF and not Q.is_cuda
+
+    def rnd(t: torch.Tensor) -> torch.Tensor:
+        return t.to(out_dtype).to(cdt) if emulate_storage else t
+
     if q_heads != kv_heads:  # GQA: each KV head serves q_heads // kv_heads consecutive query heads
         k = k.repeat_interleave(q_heads // kv_heads, dim=1)
         v = v.repeat_interleave(q_heads // kv_heads, dim=1)
@@ -172,7 +171,7 @@ def attention(Q, K, V, attn_mask=None, past_key=None, past_value=None, nonpad_kv
         probs = _safe_softmax(logits.to(_compute_dtype(sm_dt)),
                               (lambda t: t.to(sm_dt).to(torch.float32)) if emulate else None, sm_dt)
     else:
-        probs = _safe_softmax(logits, rnd if out_dtype in _HALF and not Q.is_cuda else None, out_dtype)
+        probs = _safe_softmax(logits, rnd if emulate_storage else None, out_dtype)
     probs = probs.to(cdt)
     if bias is not None:
         # a row with no attendable key (decided on the bias, not on NaN-able logits) is all zeros
