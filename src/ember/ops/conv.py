@@ -175,6 +175,8 @@ def col2im(x, image_shape, block_shape, *, dilations: list = None, pads: list = 
     padded = [img[i] + begin[i] + end[i] for i in range(n)]
     outs = [(padded[i] - win.span(i)) // win.strides[i] + 1 for i in range(n)]
     N, CK, L = x.shape
+    if n == 2 and x.is_floating_point():  # torch's fold gathers per output pixel: deterministic on CUDA
+        return _crop(F.fold(x, padded, blk, dilation=win.dilations, stride=win.strides), begin, img)
     K = math.prod(blk)
     C = CK // K
     # target flat index (in the padded image) of every (kernel offset, block position) pair
@@ -192,9 +194,11 @@ def col2im(x, image_shape, block_shape, *, dilations: list = None, pads: list = 
     cols = x.reshape(N, C, K * L)
     y = torch.zeros(N, C, math.prod(padded), dtype=x.dtype, device=dev)
     y.index_add_(2, idx, cols)
-    y = y.reshape(N, C, *padded)
-    crop = tuple(slice(begin[i], begin[i] + img[i]) for i in range(n))
-    return y[(slice(None), slice(None), *crop)]
+    return _crop(y.reshape(N, C, *padded), begin, img)
+
+
+def _crop(y: torch.Tensor, begin: list, size: list) -> torch.Tensor:
+    return y[(slice(None), slice(None), *(slice(b, b + s) for b, s in zip(begin, size)))]
 
 
 # -- shape rules ----------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def non_max_suppression(boxes, scores, max_output_boxes_per_class=None, iou_thre
     for bi in range(nb):
         if max_out == 0:
             break
-        suppress = _suppressing_pairs(boxes[bi], center_point_box, iou_thr).cpu()
+        suppress = _suppressing_pairs(boxes[bi], center_point_box, iou_thr).cpu().numpy()
         for ci in range(nc):
             s = scores[bi, ci].to(torch.float64)
             order = torch.sort(-s, stable=True).indices  # highest score first, ties by lower index
@@ -120,7 +120,7 @@ def non_max_suppression(boxes, scores, max_output_boxes_per_class=None, iou_thre
             for i in order.cpu().tolist():
                 if len(kept) >= max_out:
                     break
-                if not any(suppress[i, k] for k in kept):
+                if not suppress[i, kept].any():
                     kept.append(i)
                     selected.append((bi, ci, i))
     return torch.tensor(selected, dtype=torch.int64, device=boxes.device).reshape(-1, 3)
