@@ -54,6 +54,7 @@ class OpDef:
     wants_ctx: bool
     shape_rule: Optional[Callable] = None
     doc: str = ""
+    host_inputs: frozenset = frozenset()  # positions of shape-parameter inputs (see host_inputs.py)
 
     def max_inputs(self) -> Optional[int]:
         return None if self.variadic else len(self.input_names)
@@ -151,11 +152,15 @@ def _load_all() -> None:
     from .. import ops as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("registry", "torch_types", "infer"):
+        if mod.name not in ("registry", "torch_types", "infer", "host_inputs"):
             _import_module(f"{pkg.__name__}.{mod.name}")
     for n, rule in _PENDING_RULES.items():
         if n in REGISTRY:
             REGISTRY[n].shape_rule = rule
+    from .host_inputs import host_input_positions
+
+    for d in REGISTRY.values():
+        d.host_inputs = host_input_positions(d.name, d.input_names)
 
 
 def _import_module(name: str) -> None:

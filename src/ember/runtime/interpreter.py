@@ -5,7 +5,7 @@ its last use so peak memory tracks the live set, not the whole graph.
 """
 from __future__ import annotations
 
-from collections import ChainMap
+from collections import ChainMap, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -15,6 +15,7 @@ from ..errors import EmberError, NodeExecutionError
 from ..ir.graph import Graph, Node
 from ..ops import OpContext, OpDef, get
 from ..ops.torch_types import tensor_from_numpy
+from .specialize import HOST_LIMIT, Specialization, signature_of, specialize
 
 
 @dataclass
@@ -69,6 +70,11 @@ class Interpreter:
                     self.consts[name] = weights[name].to(self.device)
                 else:
                     self.consts[name] = tensor_from_numpy(v.data, self.device)
+        # CPU copies of small constants: shape arithmetic reads them on the host
+        self.small_consts = {k: (t if t.device.type == "cpu" else t.cpu()) for k, t in self.consts.items()
+                             if t.numel() <= HOST_LIMIT}
+        self.specializations: "OrderedDict[tuple, Specialization]" = OrderedDict()
+        self.max_specializations = 64
 
     def _plan(self, g: Graph) -> _Plan:
         p = self._plans.get(id(g))
@@ -77,18 +83,39 @@ class Interpreter:
         return p
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        outs = self.run_graph(self.graph, [feeds[v.name] for v in self.graph.inputs], None)
-        return {v.name: o for v, o in zip(self.graph.outputs, outs)}
+        spec = self.specialization(feeds)
+        env: Any = ChainMap(dict(feeds), spec.host, self.consts)
+        self.execute(spec.steps, env)
+        return {v.name: env[v.name] for v in self.graph.outputs}
+
+    def specialization(self, feeds: dict[str, Any]) -> Specialization:
+        """The plan of this input signature: shape arithmetic done once on the host, then cached."""
+        sig = signature_of(self.graph, feeds)
+        spec = self.specializations.get(sig)
+        if spec is None:
+            spec = specialize(self.graph, feeds, self.small_consts, self.device)
+            self.specializations[sig] = spec
+            if len(self.specializations) > self.max_specializations:
+                self.specializations.popitem(last=False)
+        else:
+            self.specializations.move_to_end(sig)
+        return spec
 
     def run_graph(self, g: Graph, inputs: list, outer: "dict[str, Any] | None") -> list:
         env: Any = ChainMap({}, outer if outer is not None else self.consts)
         for v, x in zip(g.inputs, inputs):
             env[v.name] = x
 
+        self.execute(self._plan(g).steps, env)
+        return [env[v.name] for v in g.outputs]
+
+    def execute(self, steps: "list[Any]", env: Any) -> None:
+        """Run steps (objects with node, opdef, inputs, outputs, free_after) in ``env``, in place."""
+
         def run_sub(sub: Graph, sub_inputs: list) -> list:
             return self.run_graph(sub, sub_inputs, env)
 
-        for step in self._plan(g).steps:
+        for step in steps:
             try:
                 args = [env[n] if n is not None else None for n in step.inputs]
             except KeyError as e:
@@ -98,7 +125,7 @@ class Interpreter:
             ctx = OpContext(num_outputs=len(step.outputs), node_name=step.node.name, run_graph=run_sub,
                             output_dtypes=[o.dtype for o in step.node.outputs])
             try:
-                result = step.opdef.call(args, step.attrs, ctx)
+                result = step.opdef.call(args, step.node.attrs, ctx)
             except EmberError:
                 raise
             except Exception as e:  # a reference function failed: say which node, with what
@@ -116,8 +143,7 @@ class Interpreter:
             else:
                 env[step.outputs[0]] = result
             for name in step.free_after:
-                env.pop(name, None)
-        return [env[v.name] for v in g.outputs]
+                env.maps[0].pop(name, None)
 
 
 def _describe(a: Any) -> str:

@@ -1,0 +1,170 @@
+"""Host-side shape arithmetic, once per input signature.
+
+Given the concrete shapes and dtypes of a run's inputs, walk the graph once on meta tensors and
+evaluate on the CPU every node whose inputs are all known and small (Shape, Gather of a shape,
+Concat of dims, Range...). What is left are the nodes that touch real data: the run executes
+only those. Shape parameters they read (Reshape's shape, Slice's starts...) are already on the
+host, so a run needs no device-to-host sync and can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..ir.graph import Graph, Node
+from ..ops import OpContext, OpDef, get
+from ..ops.torch_types import to_torch
+
+HOST_LIMIT = 1 << 14  # elements: above this a value is data, not shape arithmetic
+NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+                "Multinomial"}
+Signature = tuple
+
+
+@dataclass
+class Step:
+    node: Node
+    opdef: OpDef
+    inputs: list[Optional[str]]  # env keys ('name' or 'name@dev' for a host value used as data)
+    outputs: list[str]
+    free_after: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Specialization:
+    signature: Signature
+    steps: list[Step]
+    host: dict[str, torch.Tensor]  # values computed on the host (CPU tensors), keyed by env key
+    shapes: dict[str, tuple[int, ...]]  # concrete shapes of values, where known
+    capturable: bool  # no data-dependent shapes, no host syncs, no control flow
+    reasons: list[str] = field(default_factory=list)  # why not capturable
+    folded: int = 0  # nodes evaluated on the host
+
+
+def signature_of(graph: Graph, feeds: dict[str, Any]) -> Signature:
+    sig = []
+    for v in graph.inputs:
+        x = feeds.get(v.name)
+        if isinstance(x, torch.Tensor):
+            sig.append((v.name, tuple(x.shape), x.dtype))
+        else:
+            sig.append((v.name, type(x).__name__))
+    return tuple(sig)
+
+
+def _meta(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return torch.empty(x.shape, dtype=x.dtype, device="meta")
+    return None
+
+
+def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torch.Tensor],
+               device: torch.device) -> Specialization:
+    """Plan one input signature. ``small_consts``: CPU copies of constants of at most HOST_LIMIT elements."""
+    meta: dict[str, Any] = {}
+    known: dict[str, torch.Tensor] = {}  # host values
+    for v in graph.inputs:
+        meta[v.name] = _meta(feeds.get(v.name))
+    for name, v in graph.initializers.items():
+        meta[name] = torch.empty(v.data.shape, dtype=to_torch(v.dtype), device="meta") if v.dtype else None
+        if name in small_consts:
+            known[name] = small_consts[name]
+    runtime: list[tuple[Node, OpDef, list[Optional[str]]]] = []
+    reasons: list[str] = []
+    folded = 0
+    for node in graph.nodes:
+        opdef = get(node.op)
+        ins = node.inputs
+        ctx = OpContext(num_outputs=len(node.outputs), node_name=node.name,
+                        output_dtypes=[o.dtype for o in node.outputs])
+        if node.op in ("Shape", "Size") and ins[0] is not None and isinstance(meta.get(ins[0].name), torch.Tensor):
+            shaped = torch.zeros((), dtype=meta[ins[0].name].dtype).expand(meta[ins[0].name].shape)
+            out = opdef.call([shaped], node.attrs, ctx)
+            known[node.outputs[0].name] = out
+            meta[node.outputs[0].name] = _meta(out)
+            folded += 1
+            continue
+        foldable = (opdef.kind != "control" and node.op not in NOT_FOLDABLE and not any(node.subgraphs())
+                    and all(v is None or v.name in known for v in ins))
+        if foldable:
+            try:
+                out = opdef.call([known[v.name] if v is not None else None for v in ins], node.attrs, ctx)
+            except Exception:
+                out = None  # let the run report it, with the node's name
+            outs = list(out) if isinstance(out, tuple) else [out]
+            if out is not None and all(isinstance(t, torch.Tensor) and t.numel() <= HOST_LIMIT
+                                       for t in outs[: len(node.outputs)]):
+                for o, t in zip(node.outputs, outs):
+                    known[o.name] = t
+                    meta[o.name] = _meta(t)
+                folded += 1
+                continue
+        # a node that touches data: runs on the device
+        keys: list[Optional[str]] = []
+        args: list[Any] = []
+        for i, v in enumerate(ins):
+            if v is None:
+                keys.append(None)
+                args.append(None)
+            elif i in opdef.host_inputs and v.name in known:
+                keys.append(v.name)
+                args.append(known[v.name])
+            elif v.name in known and v.name not in graph.initializers:
+                keys.append(v.name + "@dev")
+                args.append(_meta(known[v.name]))
+            else:
+                keys.append(v.name)
+                args.append(meta.get(v.name))
+                if i in opdef.host_inputs:
+                    reasons.append(f"node '{node.name}' ({node.op}) reads a shape parameter computed from data")
+        runtime.append((node, opdef, keys))
+        if opdef.kind == "control" or any(node.subgraphs()):
+            reasons.append(f"node '{node.name}' ({node.op}) is control flow")
+        out_meta = None
+        if all(a is not None or v is None for a, v in zip(args, ins)):
+            try:
+                out_meta = opdef.call(args, node.attrs, ctx)
+            except Exception:
+                out_meta = None
+        if out_meta is None:
+            reasons.append(f"node '{node.name}' ({node.op}) has data-dependent output shapes")
+        outs = list(out_meta) if isinstance(out_meta, tuple) else [out_meta]
+        for j, o in enumerate(node.outputs):
+            t = outs[j] if j < len(outs) else None
+            meta[o.name] = _meta(t) if isinstance(t, torch.Tensor) else None
+
+    steps = [Step(n, d, keys, [o.name for o in n.outputs]) for n, d, keys in runtime]
+    host: dict[str, torch.Tensor] = {}
+    for s in steps:
+        for k in s.inputs:
+            if k is None:
+                continue
+            if k.endswith("@dev"):
+                host[k] = known[k[:-4]].to(device)
+            elif k in known and k not in graph.initializers:
+                host[k] = known[k]
+        for sg in s.node.subgraphs():  # subgraphs read outer values by name, as data
+            for v in sg.captured_values():
+                if v.name in known and v.name not in graph.initializers:
+                    host.setdefault(v.name, known[v.name].to(device))
+    for v in graph.outputs:
+        if v.name in known:
+            host[v.name] = known[v.name].to(device)
+    # free values after their last use among the steps
+    keep = {v.name for v in graph.outputs}
+    last: dict[str, int] = {}
+    for i, s in enumerate(steps):
+        for k in s.inputs:
+            if k is not None:
+                last[k] = i
+        for sg in s.node.subgraphs():
+            for v in sg.captured_values():
+                last[v.name] = i
+    produced = {o for s in steps for o in s.outputs} | {v.name for v in graph.inputs}
+    for k, i in last.items():
+        if k in produced and k not in keep:
+            steps[i].free_after.append(k)
+    shapes = {k: tuple(t.shape) for k, t in meta.items() if isinstance(t, torch.Tensor)}
+    return Specialization(signature_of(graph, feeds), steps, host, shapes, not reasons, reasons, folded)
