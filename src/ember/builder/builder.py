@@ -14,11 +14,15 @@ import torch
 from .. import __version__
 from ..errors import EmberError
 from ..frontend.onnx import import_onnx
+from ..ir.dtypes import DType
 from ..ir.graph import Graph
 from ..ir.verify import verify
 from ..ops import known_ops
 from ..ops.infer import infer_shapes
 from ..runtime.engine import Engine, host_info, resolve_device
+from .precision import convert_precision
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 @dataclass
@@ -61,9 +65,8 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
             raise EmberError(f"build() got unknown option(s) {sorted(unknown)}; "
                              f"known: {sorted(BuilderConfig.__dataclass_fields__)}")
         config = BuilderConfig(**kwargs)
-    if config.precision != "fp32":
-        raise EmberError(f"precision '{config.precision}' needs the CUDA backend, which this ember does not have yet; "
-                         "build with precision fp32")
+    if config.precision not in PRECISIONS:
+        raise EmberError(f"precision '{config.precision}' is not one of {', '.join(PRECISIONS)}")
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     graph = import_onnx(model)
@@ -71,7 +74,10 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     infer_shapes(graph)
     verify(graph, known_ops())
     changed = optimize(graph, config)
-    if config.debug:
+    kept_fp32: list[str] = []
+    if config.precision in ("fp16", "bf16"):
+        kept_fp32 = convert_precision(graph, DType.FLOAT16 if config.precision == "fp16" else DType.BFLOAT16)
+    if config.debug or config.precision in ("fp16", "bf16"):
         verify(graph, known_ops())
     report = BuildReport(nodes_in, len(graph.nodes), time.perf_counter() - t0, changed)
     manifest = {
@@ -86,6 +92,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         "opt_level": config.opt_level,
         "build_host": host_info(),
         "profiles": [],
+        "fp32_layers": kept_fp32,
         "nodes_in": nodes_in,
         "nodes_out": len(graph.nodes),
     }
