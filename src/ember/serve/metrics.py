@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics,
                                generate_latest)
 from prometheus_client.core import Metric
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from .model import ServedModel
@@ -142,7 +143,7 @@ class ServerMetrics:
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.errors = Counter("ember_request_errors", "Requests refused before reaching a model version, by reason",
                               ["protocol", "reason"], registry=r)
-        r.register(_ModelCollector(served))
+        self._models = _ModelCollector(served)  # formatted by us: Triton's counters carry no `_total`
         ProcessCollector(registry=r)
         nv = _nvml() if gpu else None
         if nv is not None:
@@ -168,4 +169,21 @@ class ServerMetrics:
                 pass
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return _format(self._models.collect()) + generate_latest(self.registry)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format(metrics: Iterable[Metric]) -> bytes:
+    """Prometheus text format 0.0.4, sample names exactly as given (so counters keep Triton's names)."""
+    lines = []
+    for m in metrics:
+        lines.append(f"# HELP {m.name} {m.documentation}")
+        lines.append(f"# TYPE {m.name} {m.type}")
+        for s in m.samples:
+            labels = ",".join(f'{k}="{_escape(str(v))}"' for k, v in s.labels.items())
+            lines.append(f"{s.name}{{{labels}}} {floatToGoString(s.value)}" if labels else
+                         f"{s.name} {floatToGoString(s.value)}")
+    return ("\n".join(lines) + "\n").encode() if lines else b""
