@@ -61,3 +61,19 @@ def optimized(m: onnx.ModelProto, level: int = 3, dims=None, atol: float = 1e-4)
 
 def ops(g: Graph) -> list[str]:
     return [n.op for n in g.nodes]
+
+
+def export(module, *args, opset: int = 17, dynamic: "dict | None" = None) -> onnx.ModelProto:
+    """A torch module exported with the TorchScript exporter (which keeps ops decomposed)."""
+    import io
+    import warnings
+
+    import torch
+
+    buf = io.BytesIO()
+    names = [f"x{i}" for i in range(len(args))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), tuple(args), buf, dynamo=False, opset_version=opset, input_names=names,
+                          output_names=["y"], dynamic_axes=dynamic)
+    return onnx.load_from_string(buf.getvalue())

@@ -176,6 +176,22 @@ def _onnx_gemm_to_gemm(ed: Editor, m: Match) -> Optional[Value]:
     return ed.out("ember.Gemm", inputs, attrs, name=m["y"].name, like=m["y"])
 
 
+def _unflatten_gemm(ed: Editor, m: Match) -> Optional[Value]:
+    """Reshape(Gemm(Reshape(x, [-1, K]), W), [..., N]) -> one ember.Gemm over x's batch dims: exporters
+    flatten a linear layer's input to 2-D for ONNX Gemm, which hides its epilogue behind a Reshape."""
+    xv, yv, gemm = m["x"], m["y"], m.node("g")
+    if xv.shape is None or yv.shape is None or m["g"].shape is None or len(xv.shape) < 2 or len(m["g"].shape) != 2:
+        return None
+    if len(gemm.inputs) > 3 and gemm.inputs[3] is not None:
+        return None
+    if xv.shape[-1] != gemm.inputs[0].shape[-1] or tuple(yv.shape) != tuple(xv.shape[:-1]) + (m["g"].shape[-1],):
+        return None
+    bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+    if bias is not None and (bias.shape is None or len(bias.shape) > 1 and any(d != 1 for d in bias.shape[:-1])):
+        return None
+    return ed.out("ember.Gemm", [xv] + list(gemm.inputs[1:]), dict(gemm.attrs), name=yv.name, like=yv)
+
+
 def _conv_to_fused(node, ed: Editor) -> tuple[list, dict]:
     ins = list(node.inputs[:3]) + [None] * (3 - min(3, len(node.inputs)))
     attrs = {k: v for k, v in node.attrs.items() if k in CONV_ATTRS or k in ("activation", "act_keys", "act_values")}
@@ -240,6 +256,8 @@ FOLD_RULES = [
 GEMM_RULES = [
     Rule("matmul_to_gemm", P("MatMul", P.any("x"), P.const("w"), name="y"), _matmul_to_gemm),
     Rule("onnx_gemm_to_gemm", P("Gemm", P.any(), P.any(), name="y", open_inputs=True), _onnx_gemm_to_gemm),
+    Rule("unflatten_gemm", P("Reshape", P("ember.Gemm", P("Reshape", P.any("x"), P.any()), name="g", open_inputs=True),
+                             P.any(), name="y"), _unflatten_gemm),
 ]
 EPILOGUE_RULES = [
     Rule("fuse_activation_into_anchor", P(EPILOGUE_ACTIVATIONS, a_fused, name="y", open_inputs=True),

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ops import known_ops
-from .patterns import _scalar
+from .patterns import _scalar, is_scalar
 from .rewrite import Editor, Match, P, PassContext, Rule, apply_rules
 
 
@@ -132,9 +132,11 @@ def _attention(ed: Editor, m: Match) -> Optional[Value]:
     return ed.out("Attention", inputs, attrs, name=m["y"].name, like=m["y"])
 
 
+_softmax = P("Softmax", P.any("s"), name="p", where=_softmax_last)
+# torch's SDPA decomposition zeroes the NaN rows a fully masked softmax gives; Attention does that itself
+_nan_zeroed = P("Where", P("IsNaN", _softmax), P.const(where=is_scalar(0.0)), P.any("p"))
 ATTENTION_RULES = [
-    Rule("recognize_attention", P("MatMul", P("Softmax", P.any("s"), name="p", where=_softmax_last), P.any("v"),
-                                  name="y"), _attention),
+    Rule("recognize_attention", P("MatMul", P.one_of(_softmax, _nan_zeroed), P.any("v"), name="y"), _attention),
 ]
 
 

@@ -121,6 +121,23 @@ def _one_input(ed: Editor, m: Match) -> Optional[Value]:
     return m["x"] if same_type(m["x"], m["y"]) else None
 
 
+def _flat_transpose(ed: Editor, m: Match) -> Optional[Value]:
+    """Reshape(Transpose(Reshape(x, [-1, a, b]), [0, 2, 1]), [..., b, a]) is a transpose of x's last two dims:
+    exporters flatten to 3-D to swap the last two axes of a 4-D tensor."""
+    xv, mid, yv = m["x"], m["t"], m["y"]
+    perm = m.node("t").attrs.get("perm")
+    if xv.shape is None or mid.shape is None or yv.shape is None or perm is None or len(xv.shape) < 3:
+        return None
+    r = len(mid.shape)
+    if list(perm) != list(range(r - 2)) + [r - 1, r - 2] or tuple(mid.shape[-2:]) != (xv.shape[-1], xv.shape[-2]):
+        return None
+    want = tuple(xv.shape[:-2]) + (xv.shape[-1], xv.shape[-2])
+    if tuple(yv.shape) != want:
+        return None
+    n = len(xv.shape)
+    return ed.out("Transpose", [xv], {"perm": list(range(n - 2)) + [n - 1, n - 2]}, name=yv.name, like=yv)
+
+
 x, y = P.any("x"), "y"
 NOOP_RULES = [
     Rule("remove_identity", P("Identity", x, name=y), _forward()),
@@ -128,6 +145,8 @@ NOOP_RULES = [
     Rule("remove_cast_to_same_type", P("Cast", x, name=y), _cast_same),
     Rule("remove_reshape_to_same_shape", P("Reshape", x, P.any(), name=y), _forward()),
     Rule("merge_reshapes", P("Reshape", P("Reshape", x, P.any()), P.const("s"), name=y), _reshape_pair),
+    Rule("unflatten_transpose", P("Reshape", P("Transpose", P("Reshape", x, P.any()), name="t"), P.any(), name=y),
+         _flat_transpose),
     Rule("remove_identity_transpose", P("Transpose", x, name=y), _transpose_identity),
     Rule("merge_transposes", P("Transpose", P("Transpose", x, name="t"), name=y), _transpose_pair),
     Rule("remove_expand_to_same_shape", P("Expand", x, P.any(), name=y), _forward()),

@@ -217,8 +217,10 @@ class Editor:
         return o
 
     def const(self, data: np.ndarray, hint: str = "const") -> Value:
-        v = self.graph.add_const(self.fresh_name(hint), np.ascontiguousarray(data))
-        return v
+        data = np.asarray(data)
+        if not data.flags.c_contiguous:  # (not ascontiguousarray: it turns 0-d scalars into 1-d)
+            data = data.copy()
+        return self.graph.add_const(self.fresh_name(hint), data)
 
     # -- rewiring ----------------------------------------------------------------------------------
     def replace(self, old: Value, new: Value) -> None:
