@@ -6,7 +6,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import onnx
 import torch
@@ -21,6 +21,8 @@ from ..ops import known_ops
 from ..ops.infer import infer_shapes
 from ..runtime.engine import Engine, host_info, resolve_device
 from .precision import convert_precision
+from .profiles import bind_static_shapes, check_profiles, opt_feeds
+from .tuner import TimingCache, default_cache_path, select_tactics
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
@@ -33,6 +35,13 @@ class BuilderConfig:
     opt_level: int = 2
     precision: str = "fp32"
     debug: bool = False  # verify the graph after every pass
+    # static input shapes: dims folded at build time ({"x": (1, 3, 224, 224)})
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # dynamic-shape profiles: [{"x": (min, opt, max)}, ...]; tactics are tuned at opt
+    profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]] = field(default_factory=list)
+    builder_level: int = 2  # 0: no timing ... 5: most repetitions
+    timing_cache: Optional[str] = "default"  # path, "default" (~/.cache/ember), or None
+    progress: Optional[Callable[[str], None]] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,6 +80,9 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     device = resolve_device(config.device)
     graph = import_onnx(model)
     nodes_in = len(graph.nodes)
+    profiles = check_profiles(graph, config)
+    if config.shapes:
+        bind_static_shapes(graph, config.shapes)
     infer_shapes(graph)
     verify(graph, known_ops())
     changed = optimize(graph, config)
@@ -79,6 +91,12 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         kept_fp32 = convert_precision(graph, DType.FLOAT16 if config.precision == "fp16" else DType.BFLOAT16)
     if config.debug or config.precision in ("fp16", "bf16"):
         verify(graph, known_ops())
+    tune = None
+    if device.type == "cuda":
+        cache = TimingCache.open(default_cache_path() if config.timing_cache == "default" else config.timing_cache)
+        tune = select_tactics(graph, device, opt_feeds(graph, profiles, device), config.builder_level, cache,
+                              config.progress)
+        cache.save()
     report = BuildReport(nodes_in, len(graph.nodes), time.perf_counter() - t0, changed)
     manifest = {
         "ember_version": __version__,
@@ -91,11 +109,15 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         "precision": config.precision,
         "opt_level": config.opt_level,
         "build_host": host_info(),
-        "profiles": [],
+        "profiles": [{k: [list(d) for d in v] for k, v in p.items()} for p in profiles],
+        "static_shapes": {k: list(v) for k, v in config.shapes.items()},
+        "tactics": tune.choices if tune else {},
         "fp32_layers": kept_fp32,
         "nodes_in": nodes_in,
         "nodes_out": len(graph.nodes),
     }
+    if config.precision == "tf32":
+        manifest["allow_tf32"] = True
     engine = Engine(graph, manifest, device=device)
     engine.build_report = report  # type: ignore[attr-defined]
     return engine

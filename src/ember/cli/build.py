@@ -1,4 +1,4 @@
-"""`ember build model.onnx -o model.engine`."""
+"""`ember build model.onnx -o model.engine [--fp16] [--shapes ...|--min/opt/max-shapes ...]`."""
 from __future__ import annotations
 
 import os
@@ -7,21 +7,57 @@ import time
 import click
 from rich.console import Console
 
+from ..errors import EmberError
+from .common import parse_shapes
+
+
+def _profiles(mins: tuple[str, ...], opts: tuple[str, ...], maxs: tuple[str, ...]) -> list[dict]:
+    """The i-th --min/--opt/--max-shapes flags form profile i (as in trtexec, one flag set per profile)."""
+    if not (len(mins) == len(opts) == len(maxs)):
+        raise EmberError("give --min-shapes, --opt-shapes and --max-shapes the same number of times "
+                         f"(one each per profile); got {len(mins)}, {len(opts)}, {len(maxs)}")
+    out = []
+    for i, (lo, opt, hi) in enumerate(zip(mins, opts, maxs)):
+        lo_s, opt_s, hi_s = parse_shapes([lo]), parse_shapes([opt]), parse_shapes([hi])
+        if not (set(lo_s) == set(opt_s) == set(hi_s)):
+            raise EmberError(f"profile {i}: --min/--opt/--max-shapes must name the same inputs")
+        out.append({n: (lo_s[n], opt_s[n], hi_s[n]) for n in lo_s})
+    return out
+
 
 @click.command("build")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Engine file to write [default: MODEL.engine].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--fp32", "precision", flag_value="fp32", default=True, help="Full fp32 (default).")
+@click.option("--tf32", "precision", flag_value="tf32", help="fp32 storage, TF32 tensor-core math.")
+@click.option("--fp16", "precision", flag_value="fp16", help="fp16 storage, fp32 accumulation.")
+@click.option("--bf16", "precision", flag_value="bf16", help="bf16 storage, fp32 accumulation.")
+@click.option("--shapes", multiple=True, metavar="NAME:DxD...", help="Static input shapes, folded at build time.")
+@click.option("--min-shapes", multiple=True, metavar="NAME:DxD...", help="Smallest shapes of a dynamic profile.")
+@click.option("--opt-shapes", multiple=True, metavar="NAME:DxD...", help="Shapes the profile is tuned at.")
+@click.option("--max-shapes", multiple=True, metavar="NAME:DxD...", help="Largest shapes of a dynamic profile.")
 @click.option("--opt-level", type=click.IntRange(0, 3), default=2, show_default=True, help="Graph optimization level.")
+@click.option("--builder-level", type=click.IntRange(0, 5), default=2, show_default=True,
+              help="Tuning depth: 0 takes the first vendor kernel, 5 times every candidate longest.")
+@click.option("--timing-cache", default="default", show_default=True,
+              help="Timing cache file; 'none' to time everything afresh.")
 @click.option("--debug", is_flag=True, help="Verify the graph after every optimization pass.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the optimized graph.")
-def build_cmd(model: str, output: "str | None", device: str, opt_level: int, debug: bool, verbose: bool) -> None:
+def build_cmd(model: str, output: "str | None", device: str, precision: str, shapes: tuple[str, ...],
+              min_shapes: tuple[str, ...], opt_shapes: tuple[str, ...], max_shapes: tuple[str, ...],
+              opt_level: int, builder_level: int, timing_cache: str, debug: bool, verbose: bool) -> None:
     """Build an engine from an ONNX MODEL."""
     import ember
 
     console = Console(stderr=True)
     t0 = time.perf_counter()
-    engine = ember.build(model, device=device, opt_level=opt_level, debug=debug)
+    with console.status("building…") as status:
+        engine = ember.build(
+            model, device=device, opt_level=opt_level, debug=debug, precision=precision,
+            shapes=parse_shapes(shapes), profiles=_profiles(min_shapes, opt_shapes, max_shapes),
+            builder_level=builder_level, timing_cache=None if timing_cache == "none" else timing_cache,
+            progress=lambda msg: status.update(msg))
     out = output or os.path.splitext(model)[0] + ".engine"
     size = engine.save(out)
     dt = time.perf_counter() - t0
@@ -30,7 +66,15 @@ def build_cmd(model: str, output: "str | None", device: str, opt_level: int, deb
         click.echo(str(engine.graph))
     console.print(f"[bold green]built[/] {out}  ({size / 1e6:.2f} MB, {dt:.2f} s)")
     console.print(f"  nodes: {m.get('nodes_in')} in the ONNX graph -> {m.get('nodes_out')} in the engine; "
-                  f"device {m.get('device')}, precision {m.get('precision')}, opt level {opt_level}")
+                  f"device {m.get('device')}, precision {m.get('precision')}, opt level {opt_level}", markup=False)
+    if m.get("tactics"):
+        console.print("  tactics: " + ", ".join(f"{k} ×{v}" for k, v in sorted(m["tactics"].items())), markup=False)
+    if m.get("fp32_layers"):
+        console.print(f"  kept in fp32 for accuracy: {len(m['fp32_layers'])} layer(s): "
+                      + ", ".join(m["fp32_layers"][:8]) + (" …" if len(m["fp32_layers"]) > 8 else ""), markup=False)
+    for i, p in enumerate(m.get("profiles", [])):
+        console.print(f"  profile {i}: " + ", ".join(f"{n} {lo}..{hi} (opt {o})" for n, (lo, o, hi) in p.items()),
+                      markup=False)
     for s in engine.inputs:
         console.print(f"  input   {s}", markup=False, highlight=False)
     for s in engine.outputs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from ..ir.shapes import Sym
 from ..ops.torch_types import from_torch, to_numpy_value, to_torch_value
 from .format import read_engine, write_engine
 from .interpreter import Interpreter
+
+if TYPE_CHECKING:
+    from .context import ExecutionContext
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,13 @@ class Engine:
         self._interp = Interpreter(graph, self._device, consts or None)
         self.inputs = [_spec(v) for v in graph.inputs]
         self.outputs = [_spec(v) for v in graph.outputs]
+        self.profiles = [{k: tuple(tuple(d) for d in v) for k, v in p.items()}
+                         for p in self.manifest.get("profiles", [])]
+        if self._device.type == "cuda":
+            # fp32 engines compute in true fp32 unless built with tf32 (torch's cuDNN default is tf32)
+            tf32 = bool(self.manifest.get("allow_tf32", False))
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
 
     # -- files ----------------------------------------------------------------------------------
     @classmethod
@@ -80,6 +90,12 @@ class Engine:
     @property
     def device(self) -> str:
         return self._device.type
+
+    def create_execution_context(self, cuda_graph: bool = True, max_graphs: int = 8) -> "ExecutionContext":
+        """A context to run this engine on its own stream; contexts share the engine's weights."""
+        from .context import ExecutionContext
+
+        return ExecutionContext(self, cuda_graph=cuda_graph, max_graphs=max_graphs)
 
     # -- running --------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,7 +160,20 @@ class Engine:
                                 f"'{name}' (axis {i}); inputs that share a dim name must agree")
                         bound.setdefault(sym, (d, name))
             out[name] = to_torch_value(x, self._device)
+        if self.profiles:
+            self._check_profiles({k: tuple(v.shape) for k, v in out.items() if isinstance(v, torch.Tensor)})
         return out
+
+    def _check_profiles(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        for p in self.profiles:
+            if all(all(lo <= d <= hi for d, lo, hi in zip(shapes[n], r[0], r[2])) for n, r in p.items() if n in shapes):
+                return
+        desc = "; ".join(
+            "profile %d: %s" % (i, ", ".join(f"{n} {list(r[0])}..{list(r[2])}" for n, r in p.items()))
+            for i, p in enumerate(self.profiles))
+        got = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+        raise InputError(f"input shapes ({got}) are outside every optimization profile of this engine ({desc}). "
+                         "Rebuild with a profile that covers them (--min-shapes/--opt-shapes/--max-shapes).")
 
     def __repr__(self) -> str:
         ins = ", ".join(str(s) for s in self.inputs)

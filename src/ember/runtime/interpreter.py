@@ -13,6 +13,7 @@ import torch
 
 from ..errors import EmberError, NodeExecutionError
 from ..ir.graph import Graph, Node
+from ..kernels import BoundTactic, bind_tactic
 from ..ops import OpContext, OpDef, get
 from ..ops.torch_types import tensor_from_numpy
 from .specialize import HOST_LIMIT, Specialization, signature_of, specialize
@@ -70,9 +71,19 @@ class Interpreter:
                     self.consts[name] = weights[name].to(self.device)
                 else:
                     self.consts[name] = tensor_from_numpy(v.data, self.device)
+        # tactics chosen at build time (node.meta['tactic']), bound to this device
+        self.bound: dict[str, BoundTactic] = {}
+        self.fallbacks: list[str] = []  # nodes whose tactic cannot run here (reference used)
+        for n in graph.nodes:
+            b = bind_tactic(n, self.device, self.consts)
+            if b is not None:
+                self.bound[n.name] = b
+            elif n.meta.get("tactic", "reference") != "reference":
+                self.fallbacks.append(f"{n.name} ({n.meta['tactic']})")
         # CPU copies of small constants: shape arithmetic reads them on the host
         self.small_consts = {k: (t if t.device.type == "cpu" else t.cpu()) for k, t in self.consts.items()
                              if t.numel() <= HOST_LIMIT}
+        self.on_step: Any = None  # optional hook(step, args), used by the tuner and the profiler
         self.specializations: "OrderedDict[tuple, Specialization]" = OrderedDict()
         self.max_specializations = 64
 
@@ -116,16 +127,25 @@ class Interpreter:
             return self.run_graph(sub, sub_inputs, env)
 
         for step in steps:
+            bound = self.bound.get(step.node.name)
+            keys = step.inputs
+            if bound is not None and bound.remap:
+                keys = [bound.remap.get(i, k) for i, k in enumerate(keys)]
             try:
-                args = [env[n] if n is not None else None for n in step.inputs]
+                args = [env[n] if n is not None else None for n in keys]
             except KeyError as e:
                 raise NodeExecutionError(
                     f"node '{step.node.name}' ({step.node.op}): input {e} has no value; the graph is malformed"
                 ) from None
+            if self.on_step is not None:
+                self.on_step(step, args)
             ctx = OpContext(num_outputs=len(step.outputs), node_name=step.node.name, run_graph=run_sub,
                             output_dtypes=[o.dtype for o in step.node.outputs])
             try:
-                result = step.opdef.call(args, step.node.attrs, ctx)
+                if bound is not None:
+                    result = bound.run(args, bound.attrs, ctx)
+                else:
+                    result = step.opdef.call(args, step.node.attrs, ctx)
             except EmberError:
                 raise
             except Exception as e:  # a reference function failed: say which node, with what

@@ -1,0 +1,105 @@
+"""Vendor tactics through torch: cuDNN convolutions (channels-last, fused bias+ReLU), cuBLASLt GEMMs."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..ir.graph import Node
+from ..ops.fused import apply_activation
+from . import tactic
+
+
+def _conv_geometry(node: Node) -> "tuple[list[int], list[int], list[int]] | None":
+    """(stride, padding, dilation) for a 2-D conv with symmetric explicit padding, else None."""
+    a = node.attrs
+    w = node.inputs[1]
+    if w is None or w.shape is None or len(w.shape) != 4 or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return None
+    pads = list(a.get("pads") or [0, 0, 0, 0])
+    if a.get("auto_pad") == "VALID":
+        pads = [0, 0, 0, 0]
+    if len(pads) != 4 or pads[:2] != pads[2:]:
+        return None
+    return list(a.get("strides") or [1, 1]), pads[:2], list(a.get("dilations") or [1, 1])
+
+
+def _is_cuda_conv(node: Node, device: torch.device) -> bool:
+    return device.type == "cuda" and _conv_geometry(node) is not None and \
+        (node.op == "Conv" or node.attrs.get("activation", "") in ("", "Relu", "Clip", "Sigmoid", "HardSwish",
+                                                                     "LeakyRelu", "Gelu", "Tanh", "Swish"))
+
+
+def _channels_last_weights(node: Node, consts: dict[str, torch.Tensor]) -> dict[int, tuple[str, torch.Tensor]]:
+    w = node.inputs[1]
+    if w is not None and w.name in consts and consts[w.name].dim() == 4:
+        return {1: (w.name + "@nhwc", consts[w.name].contiguous(memory_format=torch.channels_last))}
+    return {}
+
+
+_HAS_FUSED_RELU = hasattr(torch, "cudnn_convolution_relu")
+
+
+@tactic("cudnn.conv_nhwc", ("Conv", "ember.Conv"), _is_cuda_conv, prepare=_channels_last_weights)
+def cudnn_conv(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
+    x, w = args[0], args[1]
+    b = args[2] if len(args) > 2 else None
+    residual = args[3] if len(args) > 3 else None
+    node_geom = attrs["_geometry"]
+    stride, padding, dilation = node_geom
+    groups = attrs.get("group", 1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    act = attrs.get("activation", "")
+    if act == "Relu" and residual is None and _HAS_FUSED_RELU:
+        return torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    if act:
+        y = apply_activation(y, act, attrs.get("act_keys"), attrs.get("act_values"))
+    if residual is not None:
+        y = y.add_(residual.to(y.dtype))
+    return y
+
+
+def _is_cuda_linear(node: Node, device: torch.device) -> bool:
+    b = node.inputs[1]
+    return (device.type == "cuda" and b is not None and b.is_const and b.shape is not None and len(b.shape) == 2
+            and node.inputs[0] is not None and node.inputs[0].rank is not None and node.inputs[0].rank >= 2)
+
+
+def _linear_weights(node: Node, consts: dict[str, torch.Tensor]) -> dict[int, tuple[str, torch.Tensor]]:
+    """Store B as [N, K] contiguous, the layout cuBLASLt's fastest path (and F.linear) takes."""
+    b = node.inputs[1]
+    if b.name not in consts:
+        raise ValueError(f"node '{node.name}': weight '{b.name}' is not a constant")
+    w = consts[b.name]
+    return {1: (b.name + "@nk", (w if node.attrs.get("trans_b", 0) else w.t()).contiguous())}
+
+
+@tactic("cublaslt.linear", ("ember.Gemm",), _is_cuda_linear, prepare=_linear_weights)
+def cublas_linear(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
+    a, w_nk = args[0], args[1]
+    bias = args[2] if len(args) > 2 else None
+    residual = args[3] if len(args) > 3 else None
+    alpha = attrs.get("alpha", 1.0)
+    if alpha != 1.0:
+        a = a * alpha
+    act = attrs.get("activation", "")
+    if act == "Relu" and bias is not None and bias.dim() == 1 and a.dim() == 2:
+        y = torch._addmm_activation(bias.to(a.dtype), a, w_nk.t(), use_gelu=False)
+    else:
+        y = F.linear(a, w_nk, bias.to(a.dtype) if bias is not None and bias.dim() == 1 else None)
+        if bias is not None and bias.dim() != 1:
+            y = y + bias.to(y.dtype)
+        if act:
+            y = apply_activation(y, act, attrs.get("act_keys"), attrs.get("act_values"))
+    if residual is not None:
+        y = y.add_(residual.to(y.dtype))
+    return y
+
+
+def bind(node: Node, name: str) -> dict[str, Any]:
+    """Extra attributes a tactic needs, computed once per node (kept out of the graph's attrs)."""
+    if name == "cudnn.conv_nhwc":
+        return {"_geometry": _conv_geometry(node)}
+    return {}
