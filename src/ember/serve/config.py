@@ -419,7 +419,7 @@ def config_from_pbtxt(msg: PbMessage, name: str, src: str) -> ModelConfig:
         cfg.version_policy = VersionPolicy("all")
     elif "specific" in vp:
         vs = (_one(vp, "specific") or {}).get("versions", [])
-        cfg.version_policy = VersionPolicy("specific", tuple(_int(v, src, "version_policy.specific", 1) for v in vs))
+        cfg.version_policy = VersionPolicy("specific", versions=tuple(_int(v, src, "version_policy.specific", 1) for v in vs))
     for i, w in enumerate(msg.get("model_warmup", [])):
         inputs = {}
         for entry in w.get("inputs", []):
