@@ -6,6 +6,7 @@ must start inside input or begin padding) are handled in one place: ``pool_geome
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -20,13 +21,19 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 def _sum_pool(x: torch.Tensor, kernel, strides, dilations) -> torch.Tensor:
-    """Window sums over (N, C, spatial...) as a convolution with a kernel of ones (dilations included)."""
-    N, C = x.shape[:2]
+    """Window sums over (N, C, spatial...), the input already padded so that windows fit exactly.
+
+    One strided slice per kernel offset, added up: exact in the input's precision (a convolution
+    with a kernel of ones would run in TF32 on CUDA) and dilations come for free."""
     n = x.dim() - 2
-    ones = torch.ones(1, 1, *kernel, dtype=x.dtype, device=x.device)
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
-    y = conv(x.reshape(N * C, 1, *x.shape[2:]), ones, stride=strides, dilation=dilations)
-    return y.reshape(N, C, *y.shape[2:])
+    outs = [(x.shape[2 + i] - ((kernel[i] - 1) * dilations[i] + 1)) // strides[i] + 1 for i in range(n)]
+    total = None
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        index = tuple(slice(o * d, o * d + (m - 1) * s + 1, s)
+                      for o, d, m, s in zip(offset, dilations, outs, strides))
+        part = x[(slice(None), slice(None), *index)]
+        total = part.clone() if total is None else total.add_(part)
+    return total
 
 
 def _window_sums_and_counts(x: torch.Tensor, *, auto_pad, ceil_mode, dilations, kernel_shape, pads, strides,
