@@ -39,7 +39,7 @@ def apply_activation(y: torch.Tensor, activation: str, keys: Optional[list], val
 
 @op("ember.Gemm", kind="anchor")
 def fused_gemm(a, b, bias=None, residual=None, *, trans_b: int = 0, alpha: float = 1.0, activation: str = "",
-               act_keys: Optional[list] = None, act_values: Optional[list] = None):
+               act_keys: Optional[list] = None, act_values: Optional[list] = None, act_after_residual: int = 0):
     """GEMM over any batch rank with a bias / activation / residual epilogue."""
     if trans_b:
         b = b.transpose(-1, -2)
@@ -48,24 +48,26 @@ def fused_gemm(a, b, bias=None, residual=None, *, trans_b: int = 0, alpha: float
         y = y * alpha
     if bias is not None:
         y = y + bias.to(y.dtype)
-    y = apply_activation(y, activation, act_keys, act_values)
-    if residual is not None:
-        y = y + residual.to(y.dtype)
-    return y
+    return epilogue(y, residual, activation, act_keys, act_values, act_after_residual)
+
+
+def epilogue(y: torch.Tensor, residual: Optional[torch.Tensor], activation: str, keys: Optional[list],
+             values: Optional[list], act_after_residual: int) -> torch.Tensor:
+    if act_after_residual and residual is not None:
+        return apply_activation(y + residual.to(y.dtype), activation, keys, values)
+    y = apply_activation(y, activation, keys, values)
+    return y if residual is None else y + residual.to(y.dtype)
 
 
 @op("ember.Conv", kind="anchor")
 def fused_conv(x, w, bias=None, residual=None, *, auto_pad: str = "NOTSET", dilations: Optional[list] = None,
                group: int = 1, kernel_shape: Optional[list] = None, pads: Optional[list] = None,
                strides: Optional[list] = None, activation: str = "", act_keys: Optional[list] = None,
-               act_values: Optional[list] = None):
+               act_values: Optional[list] = None, act_after_residual: int = 0):
     """Convolution with a bias / activation / residual epilogue."""
     y = get("Conv").fn(x, w, bias, auto_pad=auto_pad, dilations=dilations, group=group,
                        kernel_shape=kernel_shape, pads=pads, strides=strides)
-    y = apply_activation(y, activation, act_keys, act_values)
-    if residual is not None:
-        y = y + residual.to(y.dtype)
-    return y
+    return epilogue(y, residual, activation, act_keys, act_values, act_after_residual)
 
 
 @shape_rule("ember.Gemm")

@@ -194,13 +194,17 @@ def _unflatten_gemm(ed: Editor, m: Match) -> Optional[Value]:
 
 def _conv_to_fused(node, ed: Editor) -> tuple[list, dict]:
     ins = list(node.inputs[:3]) + [None] * (3 - min(3, len(node.inputs)))
-    attrs = {k: v for k, v in node.attrs.items() if k in CONV_ATTRS or k in ("activation", "act_keys", "act_values")}
+    if node.op == "ember.Conv" and len(node.inputs) > 3 and node.inputs[3] is not None:
+        ins.append(node.inputs[3])
+    attrs = {k: v for k, v in node.attrs.items()
+             if k in CONV_ATTRS or k in ("activation", "act_keys", "act_values", "act_after_residual")}
     return ins, attrs
 
 
 def _fuse_activation(ed: Editor, m: Match) -> Optional[Value]:
     anchor, act = m.node("a"), m.node("y")
-    if not _plain_epilogue(anchor):
+    after_residual = len(anchor.inputs) > 3 and anchor.inputs[3] is not None
+    if anchor.attrs.get("activation"):
         return None
     keys, values = [], []
     if act.op == "Clip":
@@ -224,6 +228,8 @@ def _fuse_activation(ed: Editor, m: Match) -> Optional[Value]:
     else:
         ins, attrs = _conv_to_fused(anchor, ed)
     attrs.update(activation=act.op, act_keys=keys, act_values=values)
+    if after_residual:
+        attrs["act_after_residual"] = 1
     op = "ember.Gemm" if anchor.op == "ember.Gemm" else "ember.Conv"
     return ed.out(op, ins, attrs, name=m["y"].name, like=m["y"])
 

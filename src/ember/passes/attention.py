@@ -140,6 +140,52 @@ ATTENTION_RULES = [
 ]
 
 
+def _heads_3d(m: Match, which: str) -> Optional[tuple]:
+    """(B, S, H*D) source and H of a Transpose(Reshape(x, [B, S, H, D]), [0, 2, 1, 3]) operand."""
+    src, split = m[which + "3"], m[which + "4"]
+    if src.shape is None or split.shape is None or len(src.shape) != 3 or len(split.shape) != 4:
+        return None
+    if m.node(which).attrs.get("perm") != [0, 2, 1, 3] or tuple(split.shape[:2]) != tuple(src.shape[:2]):
+        return None
+    heads, size = split.shape[2], split.shape[3]
+    if not isinstance(heads, int) or not isinstance(size, int) or src.shape[2] != heads * size:
+        return None
+    return src, heads
+
+
+def _attention_3d(ed: Editor, m: Match) -> Optional[Value]:
+    """Head split and merge around a 4-D Attention -> the 3-D form (q_num_heads/kv_num_heads), which
+    reads and writes (B, S, hidden) directly: four layout ops per attention block fewer."""
+    att = m.node("att")
+    if m.node("o").attrs.get("perm") != [0, 2, 1, 3] or len(att.outputs) > 1 and any(
+            ed.users(o) for o in att.outputs[1:]):
+        return None
+    parts = [_heads_3d(m, w) for w in ("q", "k", "v")]
+    if any(p is None for p in parts):
+        return None
+    (q, hq), (k, hk), (v, hv) = parts
+    if hk != hv or m["y"].shape is None or tuple(m["y"].shape) != tuple(q.shape[:2]) + (hq * m["att"].shape[-1],):
+        return None
+    attrs = dict(att.attrs, q_num_heads=hq, kv_num_heads=hk)
+    return ed.out("Attention", [q, k, v] + list(att.inputs[3:]), attrs, name=m["y"].name, like=m["y"])
+
+
+def _split_heads(w: str) -> P:
+    return P("Transpose", P("Reshape", P.any(w + "3"), P.any(), name=w + "4"), name=w)
+
+
+ATTENTION_3D_RULES = [
+    Rule("attention_on_hidden_layout", P("Reshape", P("Transpose", P(
+        "Attention", _split_heads("q"), _split_heads("k"), _split_heads("v"), name="att", open_inputs=True), name="o"),
+        P.any(), name="y"), _attention_3d),
+]
+
+
+def absorb_head_layout(graph: Graph, ctx: PassContext) -> bool:
+    """Attention between head-split and head-merge transposes works on (B, S, hidden) directly."""
+    return apply_rules(graph, ATTENTION_3D_RULES, ctx.log)
+
+
 def recognize_attention(graph: Graph, ctx: PassContext) -> bool:
     """softmax(Q·Kᵀ·scale + mask)·V in BERT, GPT-2 and Llama exports -> Attention."""
     return apply_rules(graph, ATTENTION_RULES, ctx.log)

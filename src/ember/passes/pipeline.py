@@ -4,7 +4,8 @@
     level 1  cleanup: constant and shape folding, no-op removal, CSE, dead code
     level 2  + BatchNorm/scale folding, MatMul+Add -> GEMM, epilogues, pattern recognition
              (LayerNorm, RMSNorm, GELU, SiLU, HardSwish, Softmax, attention), fusion groups
-    level 3  + horizontal GEMM merging (Q/K/V projections sharing an input -> one GEMM)
+    level 3  + horizontal GEMM merging (Q/K/V projections sharing an input -> one GEMM), attention on
+             the (B, S, hidden) layout (head split/merge transposes absorbed)
 
 The rewriting passes repeat until none changes the graph; the final passes (fusion grouping)
 annotate the result once. In debug mode the graph is verified, and every value checked for a
@@ -19,7 +20,7 @@ from ..ir.graph import Graph
 from ..ir.verify import verify
 from ..ops import known_ops
 from .anchors import fold_into_anchors, fuse_epilogues
-from .attention import recognize_attention
+from .attention import absorb_head_layout, recognize_attention
 from .cleanup import eliminate_common_subexpressions, fold_constants, fold_shapes, remove_dead_code
 from .fusion import group_fusions
 from .gemm_merge import merge_parallel_gemms
@@ -35,8 +36,8 @@ LEVELS: dict[int, tuple[list[Pass], list[Pass]]] = {
     0: ([], []),
     1: (CLEANUP, []),
     2: (CLEANUP + [recognize_patterns, recognize_attention, fold_into_anchors, fuse_epilogues], [group_fusions]),
-    3: (CLEANUP + [recognize_patterns, recognize_attention, fold_into_anchors, merge_parallel_gemms,
-                   fuse_epilogues], [group_fusions]),
+    3: (CLEANUP + [recognize_patterns, recognize_attention, absorb_head_layout, fold_into_anchors,
+                   merge_parallel_gemms, fuse_epilogues], [group_fusions]),
 }
 
 

@@ -21,10 +21,11 @@ def epilogue_of(n) -> list[str]:
     parts = []
     if len(n.inputs) > 2 and n.inputs[2] is not None:
         parts.append("bias")
-    if n.attrs.get("activation"):
-        parts.append(n.attrs["activation"])
     if len(n.inputs) > 3 and n.inputs[3] is not None:
         parts.append("residual")
+    if n.attrs.get("activation"):
+        parts.insert(len(parts) if n.attrs.get("act_after_residual") else len(parts) - (parts[-1:] == ["residual"]),
+                     n.attrs["activation"])
     return parts
 
 

@@ -86,15 +86,24 @@ class _Writer:
             raise ExportError(f"node '{n.name}': op {n.op} has no ONNX spelling yet; simplify at a lower "
                               "--opt-level or open an issue")
         return [self.make(n.op, [v.name if v is not None else "" for v in n.inputs],
-                          [o.name for o in n.outputs], n.attrs, n.name)]
+                          [o.name for o in n.outputs], n.attrs, n.name, n)]
 
     def make(self, op: str, inputs: list[str], outputs: list[str], attrs: dict[str, Any],
-             name: str = "") -> onnx.NodeProto:
+             name: str = "", node: Optional[Node] = None) -> onnx.NodeProto:
+        # Range's stash_type (opset 27) only changes float ranges
+        self._moot = {("Range", "stash_type"): lambda: node is not None and node.inputs[0] is not None
+                      and node.inputs[0].dtype is not None and not node.inputs[0].dtype.is_float}
         while inputs and inputs[-1] == "":
             inputs = inputs[:-1]
         proto = helper.make_node(op, inputs, outputs, name=name or outputs[0])
         schema = _schema(op, self.opset)
         for k, v in attrs.items():
+            if schema is not None and k not in schema.attributes:
+                # newer than the export opset, and left at its default (or meaningless here): omit
+                if _is_default(op, k, v) or self._moot.get((op, k), lambda: False)():
+                    continue
+                raise ExportError(f"node '{name}': {op} attribute '{k}'={v!r} does not exist at ONNX opset "
+                                  f"{self.opset}; it cannot be written to this opset")
             a = self.attribute(k, v, schema, op, name)
             if a is not None:
                 proto.attribute.append(a)
@@ -137,6 +146,10 @@ class _Writer:
         nodes = []
         act = n.attrs.get("activation", "")
         residual = n.inputs[3] if len(n.inputs) > 3 else None
+        if residual is not None and act and n.attrs.get("act_after_residual"):
+            summed = self.fresh(out_name + "_sum")
+            nodes.append(self.make("Add", [y, residual.name], [summed], {}, self.fresh(n.name + "_residual")))
+            y, residual = summed, None
         if act:
             act_out = out_name if residual is None else self.fresh(out_name + "_act")
             attrs = activation_attrs(n.attrs.get("act_keys"), n.attrs.get("act_values"))
@@ -202,6 +215,13 @@ def _np_dtype(v: Value) -> np.dtype:
     from ...ir.dtypes import to_numpy
 
     return to_numpy(v.dtype) if v.dtype is not None else np.dtype(np.float32)
+
+
+def _is_default(op: str, key: str, value: Any) -> bool:
+    from ...ops import known_ops
+    from ...ops import get as get_op
+
+    return op in known_ops() and get_op(op).attrs.get(key, object()) == value
 
 
 def _schema(op: str, opset: int):
