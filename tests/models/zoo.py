@@ -389,8 +389,10 @@ def downgrade_opset_18_to_17(model: onnx.ModelProto) -> onnx.ModelProto:
             if dims is None or dims[axis] is None:
                 raise ValueError(f"Split {node.name}: the split axis has no static size")
             n, size = attrs["num_outputs"].i, dims[axis]
-            chunk = math.ceil(size / n)
-            sizes = [chunk] * (size // chunk) + ([size % chunk] if size % chunk else [])
+            chunk = math.ceil(size / n)  # Split-18: equal chunks of ceil(size / n), the last one smaller
+            sizes = [chunk] * (n - 1) + [size - chunk * (n - 1)]
+            if sizes[-1] < 0:
+                raise ValueError(f"Split {node.name}: {size} does not split into {n} chunks of {chunk}")
             name = f"{node.name or node.output[0]}_split_sizes"
             graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), name))
             node.attribute.remove(attrs["num_outputs"])
