@@ -138,11 +138,24 @@ def _flat_transpose(ed: Editor, m: Match) -> Optional[Value]:
     return ed.out("Transpose", [xv], {"perm": list(range(n - 2)) + [n - 1, n - 2]}, name=yv.name, like=yv)
 
 
+def _castlike_to_cast(ed: Editor, m: Match) -> Optional[Value]:
+    """CastLike(x, like) only reads like's dtype, which is known here: a Cast (foldable when x is constant)."""
+    from ..ir.dtypes import DTYPE_TO_ONNX
+
+    dt = m["like"].dtype
+    if dt is None or dt not in DTYPE_TO_ONNX:
+        return None
+    if m["x"].dtype == dt and same_type(m["x"], m["y"]):
+        return m["x"]
+    return ed.out("Cast", [m["x"]], {"to": DTYPE_TO_ONNX[dt]}, name=m["y"].name, like=m["y"])
+
+
 x, y = P.any("x"), "y"
 NOOP_RULES = [
     Rule("remove_identity", P("Identity", x, name=y), _forward()),
     Rule("remove_dropout", P("Dropout", x, name=y, open_inputs=True), _dropout),
     Rule("remove_cast_to_same_type", P("Cast", x, name=y), _cast_same),
+    Rule("castlike_to_cast", P("CastLike", x, P.any("like"), name=y, open_inputs=True), _castlike_to_cast),
     Rule("remove_reshape_to_same_shape", P("Reshape", x, P.any(), name=y), _forward()),
     Rule("merge_reshapes", P("Reshape", P("Reshape", x, P.any()), P.const("s"), name=y), _reshape_pair),
     Rule("unflatten_transpose", P("Reshape", P("Transpose", P("Reshape", x, P.any()), name="t"), P.any(), name=y),
