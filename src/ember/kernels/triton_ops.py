@@ -130,7 +130,8 @@ def _unary_attr(node: Node, x: str) -> Optional[str]:
         return f"({x} * tl.sigmoid({x}))" if alpha == 1.0 else f"({x} * tl.sigmoid({_f(alpha)} * {x}))"
     if op == "Gelu":
         if a.get("approximate", "none") == "tanh":
-            return (f"(0.5 * {x} * (1.0 + tm.tanh(0.7978845608028654 * ({x} + 0.044715 * {x} * {x} * {x}))))")
+            # 0.5 (1 + tanh u) = sigmoid(2u): the same function without 1 + tanh's cancellation for x << 0
+            return f"({x} * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x})))"
         return f"(0.5 * {x} * (1.0 + tl.erf({x} * 0.7071067811865476)))"
     if op == "Elu":
         return f"tl.where({x} > 0.0, {x}, {_f(a.get('alpha', 1.0))} * tm.expm1({x}))"
