@@ -204,3 +204,4 @@ def make_server() -> Callable:
     yield make
     for srv in started:
         srv.stop()
+

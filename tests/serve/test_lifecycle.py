@@ -81,7 +81,7 @@ def test_unload_finishes_queued_requests(repo_builder, make_server):
         assert results == [200] * 5
         r = c.post("/v2/models/slow/infer", json=DOC)
         assert r.status_code == 404 and "not loaded" in r.json()["error"]
-        assert c.get("/v2/models/slow/ready").status_code == 503
+        assert c.get("/v2/models/slow/ready").status_code == 400
 
 
 def test_failed_reload_keeps_old_version_serving(repo_builder, make_server):
@@ -184,7 +184,7 @@ def serve_process(repo: Path, http_port: int, grpc_port: int, *extra: str) -> su
 
 
 def test_sigterm_drains_in_flight_requests_then_exits(repo_builder, tmp_path):
-    repo_builder.add("slow", "affine", "max_batch_size: 8\ndynamic_batching: {max_queue_delay_ms: 3000}\n")
+    repo_builder.add("slow", "affine", "max_batch_size: 8\ndynamic_batching: {max_queue_delay_ms: 1500}\n")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = serve_process(repo_builder.root, port, free_port(), "--cache-dir", str(tmp_path / "c"))

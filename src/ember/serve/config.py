@@ -252,6 +252,22 @@ _TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs", "input", "output", "
              "version_policy", "warmup", "model_warmup", "default_model_filename", "parameters", "platform", "backend"}
 
 
+def _guarded(fn):
+    """A value of the wrong form deep inside a config (a number where a list belongs, ...) becomes a
+    RepositoryError naming the file, never a stray TypeError."""
+    def wrapper(d: Any, name: str, src: str) -> ModelConfig:
+        try:
+            return fn(d, name, src)
+        except RepositoryError:
+            raise
+        except (AttributeError, TypeError, ValueError, KeyError) as e:
+            raise _fail(src, f"a setting has the wrong form ({type(e).__name__}: {e}); see docs/serve.md for the "
+                             "schema") from None
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+@_guarded
 def config_from_yaml(d: dict, name: str, src: str) -> ModelConfig:
     _check_keys(d, _TOP_KEYS, src, "config")
     if "name" in d and d["name"] != name:
@@ -383,6 +399,7 @@ def _pb_queue_policy(m: PbMessage | None, src: str, where: str) -> QueuePolicy:
                        bool(_one(m, "allow_timeout_override", False)), action)
 
 
+@_guarded
 def config_from_pbtxt(msg: PbMessage, name: str, src: str) -> ModelConfig:
     for key, what in _UNSUPPORTED_PBTXT.items():
         if key in msg:

@@ -128,11 +128,12 @@ def build_http_app(service: InferenceService, metrics_here: bool = True) -> Any:
     def version_of(request: Request) -> str | None:
         return request.path_params.get("version")
 
+    # KServe v2: health answers are the status code alone, 200 for true and 4xx for false
     async def live(request: Request) -> Response:
-        return Response(status_code=200 if service.live() else 503)
+        return Response(status_code=200 if service.live() else 400)
 
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if service.ready() else 503)
+        return Response(status_code=200 if service.ready() else 400)
 
     async def server_metadata(request: Request) -> Response:
         return JSONResponse(service.server_metadata())
@@ -142,7 +143,7 @@ def build_http_app(service: InferenceService, metrics_here: bool = True) -> Any:
 
     async def model_ready(request: Request) -> Response:
         ok = service.model_ready(request.path_params["model"], version_of(request))
-        return Response(status_code=200 if ok else 503)
+        return Response(status_code=200 if ok else 400)
 
     async def model_config(request: Request) -> Response:
         return JSONResponse(service.model_config(request.path_params["model"], version_of(request)))

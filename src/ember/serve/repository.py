@@ -93,9 +93,11 @@ class ModelRepository:
                 if not wanted:
                     raise RepositoryError(f"model '{name}': no version to serve; version folders {sorted(available)}, "
                                           f"policy {config.version_policy.kind}")
-            except RepositoryError as e:
+            except (RepositoryError, OSError) as e:
                 if not entry.versions:
                     entry.state, entry.reason = "UNAVAILABLE", str(e)
+                if isinstance(e, OSError):
+                    raise RepositoryError(f"model '{name}': cannot read {model_dir}: {e}") from e
                 raise
             new = {v: ServedModel(config, v, available[v], self.settings, self.metrics) for v in wanted}
             if not entry.versions:
