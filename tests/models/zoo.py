@@ -16,6 +16,8 @@ Exporters:
     `num_outputs` attribute). So we export at 18 and, for 17, convert down ourselves with
     `downgrade_opset_18_to_17`, which rewrites exactly the schemas that changed at 18 and refuses the rest.
 Dynamic dims: batch for every input; batch and sequence for text models.
+Both exporters fold BatchNormalization into Conv (TorchScript's eval peephole, dynamo's onnxscript optimizer);
+opset-11 TorchScript files keep it, see `export_model`.
 """
 from __future__ import annotations
 
@@ -291,10 +293,17 @@ def export_model(spec: ModelSpec, out_dir: str | os.PathLike, exporter: str, ops
     t0 = time.perf_counter()
     with _quiet():
         if exporter == "torchscript":
+            # TrainingMode.PRESERVE on an eval-mode module exports inference semantics but skips the peephole
+            # that folds BatchNormalization into Conv, so opset-11 files keep their BatchNormalization nodes
+            # (as older files in the wild do) and ember's BatchNormalization and BN folding get exercised
+            keep_bn = opset < 13
+            training = torch.onnx.TrainingMode.PRESERVE if keep_bn else torch.onnx.TrainingMode.EVAL
             torch.onnx.export(module, args, str(path), input_names=list(spec.input_names),
                               output_names=list(spec.output_names), opset_version=opset,
-                              dynamic_axes=_dynamic_axes(spec), dynamo=False)
+                              dynamic_axes=_dynamic_axes(spec), dynamo=False, training=training)
             proto = onnx.load(str(path))
+            if keep_bn and any(node.op_type == "BatchNormalization" for node in proto.graph.node):
+                notes.append("BatchNormalization kept (not folded into Conv)")
         else:
             if opset < 17:
                 raise ValueError(f"the dynamo exporter writes opset {DYNAMO_NATIVE_OPSET}+ and we convert down to "
