@@ -87,10 +87,11 @@ def run(which: str, tmp: str) -> dict:
         def forward(self, *args):
             return getattr(self.inner(*args), out_name)
 
+    with torch.no_grad():  # before export: the exporter leaves HF models in another mode
+        ref = Wrap(m)(*feeds.values()).double()
     torch.onnx.export(Wrap(m), tuple(feeds.values()), path, input_names=list(feeds), output_names=["out"],
                       opset_version=17, dynamo=False)
-    with torch.no_grad():
-        ref = Wrap(m)(*feeds.values()).double()
+    m.eval()
     t0 = time.perf_counter()
     eng = ember.build(path, device="cuda", precision="fp16", opt_level=3,
                       shapes={k: tuple(v.shape) for k, v in feeds.items()}, builder_level=1)
@@ -101,7 +102,7 @@ def run(which: str, tmp: str) -> dict:
     rel = float((out - ref).norm() / ref.norm())
     ember_ms = cuda_time(lambda: ctx.run_device(dev_feeds, reuse_outputs=True))
     m16 = Wrap(m).cuda().half()
-    args16 = [v.cuda() for v in feeds.values()]
+    args16 = [v.cuda().half() if v.is_floating_point() else v.cuda() for v in feeds.values()]
     with torch.no_grad():
         eager_ms = cuda_time(lambda: m16(*args16))
         g = graphed(lambda: m16(*args16))

@@ -103,3 +103,46 @@ def bind(node: Node, name: str) -> dict[str, Any]:
     if name == "cudnn.conv_nhwc":
         return {"_geometry": _conv_geometry(node)}
     return {}
+
+
+def _is_sdpa_attention(node: Node, device: torch.device) -> bool:
+    """Attention that torch's fused SDPA kernels (flash / memory-efficient / cuDNN) compute exactly."""
+    a = node.attrs
+    ins = node.inputs + [None] * (7 - len(node.inputs))
+    q, k = ins[0], ins[1]
+    if device.type != "cuda" or len(node.outputs) != 1 or any(ins[i] is not None for i in (4, 5, 6)):
+        return False
+    if a.get("qk_matmul_output_mode", 0) or a.get("softcap", 0.0) or a.get("left_window_size", -1) != -1 \
+            or a.get("right_window_size", -1) != -1:
+        return False
+    if q is None or k is None or q.shape is None or k.shape is None or len(q.shape) not in (3, 4):
+        return False
+    if len(q.shape) == 3 and not (a.get("q_num_heads") and a.get("kv_num_heads")):
+        return False
+    mask = ins[3]
+    if mask is not None:
+        if a.get("is_causal", 0) or mask.shape is None or not mask.shape or mask.shape[-1] != k.shape[-2]:
+            return False
+    if a.get("is_causal", 0) and q.shape[-2] != k.shape[-2]:
+        return False  # ONNX aligns the causal frontier differently from SDPA when lengths differ
+    return True
+
+
+@tactic("sdpa", ("Attention",), _is_sdpa_attention)
+def sdpa_attention(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
+    q, k, v = args[0], args[1], args[2]
+    mask = args[3] if len(args) > 3 else None
+    three_d = q.dim() == 3
+    if three_d:
+        b, sq, _ = q.shape
+        hq, hkv = attrs["q_num_heads"], attrs["kv_num_heads"]
+        q = q.view(b, sq, hq, -1).transpose(1, 2)
+        k = k.view(b, k.shape[1], hkv, -1).transpose(1, 2)
+        v = v.view(b, v.shape[1], hkv, -1).transpose(1, 2)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bool(attrs.get("is_causal", 0)),
+                                       scale=attrs.get("scale"), enable_gqa=q.shape[1] != k.shape[1])
+    if three_d:
+        y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+    return y

@@ -168,7 +168,8 @@ class Interpreter:
 
 def _describe(a: Any) -> str:
     if isinstance(a, torch.Tensor):
-        return f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}"
+        where = "" if a.device.type == "cpu" else f"@{a.device}"
+        return f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}{where}"
     if a is None:
         return "none"
     if isinstance(a, list):

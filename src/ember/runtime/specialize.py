@@ -65,6 +65,7 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
     """Plan one input signature. ``small_consts``: CPU copies of constants of at most HOST_LIMIT elements."""
     meta: dict[str, Any] = {}
     known: dict[str, torch.Tensor] = {}  # host values
+    big: dict[str, torch.Tensor] = {}  # shape-only values too large for the host: on the device
     for v in graph.inputs:
         meta[v.name] = _meta(feeds.get(v.name))
     for name, v in graph.initializers.items():
@@ -94,10 +95,14 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
             except Exception:
                 out = None  # let the run report it, with the node's name
             outs = list(out) if isinstance(out, tuple) else [out]
-            if out is not None and all(isinstance(t, torch.Tensor) and t.numel() <= HOST_LIMIT
-                                       for t in outs[: len(node.outputs)]):
+            if out is not None and all(isinstance(t, torch.Tensor) for t in outs[: len(node.outputs)]):
+                # small results are shape arithmetic (kept on the host); large ones are data that
+                # depends only on shapes (masks, position ids): computed once, kept on the device
                 for o, t in zip(node.outputs, outs):
-                    known[o.name] = t
+                    if t.numel() <= HOST_LIMIT:
+                        known[o.name] = t
+                    else:
+                        big[o.name] = t.to(device)
                     meta[o.name] = _meta(t)
                 folded += 1
                 continue
@@ -149,6 +154,7 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
             for v in sg.captured_values():
                 if v.name in known and v.name not in graph.initializers:
                     host.setdefault(v.name, known[v.name].to(device))
+    host.update(big)
     for v in graph.outputs:
         if v.name in known:
             host[v.name] = known[v.name].to(device)
