@@ -39,14 +39,15 @@ def test_sdpa_three_d_inputs():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("act, trans_b, residual", [("", 0, False), ("Relu", 1, True), ("Gelu", 0, False)])
-def test_linear_matches_fused_gemm(act, trans_b, residual):
+@pytest.mark.parametrize("act, trans_b, residual, after", [("", 0, False, 0), ("Relu", 1, True, 0),
+                                                          ("Gelu", 0, False, 0), ("Relu", 0, True, 1)])
+def test_linear_matches_fused_gemm(act, trans_b, residual, after):
     g = torch.Generator().manual_seed(2)
     a = torch.randn(3, 5, 16, generator=g)
     w = torch.randn(8, 16, generator=g) if trans_b else torch.randn(16, 8, generator=g)
     bias = torch.randn(8, generator=g)
     r = torch.randn(3, 5, 8, generator=g) if residual else None
-    attrs = {"trans_b": trans_b, "activation": act}
+    attrs = {"trans_b": trans_b, "activation": act, "act_after_residual": after}
     ref = get("ember.Gemm").fn(a, w, bias, r, **attrs)
     w_nk = (w if trans_b else w.t()).contiguous()
     got = cublas_linear([a, w_nk, bias, r], attrs, None)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir.graph import Node
-from ..ops.fused import apply_activation
+from ..ops.fused import epilogue
 from . import tactic
 
 
@@ -51,14 +51,16 @@ def cudnn_conv(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
     groups = attrs.get("group", 1)
     x = x.contiguous(memory_format=torch.channels_last)
     act = attrs.get("activation", "")
-    if act == "Relu" and residual is None and _HAS_FUSED_RELU:
-        return torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
+    after = attrs.get("act_after_residual", 0)
+    if act == "Relu" and _HAS_FUSED_RELU and x.dtype == w.dtype:
+        # cuDNN's fused epilogues: relu(conv + bias) and relu(conv + z + bias), one kernel each
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
+        if after and residual.dtype == x.dtype:
+            z = residual.contiguous(memory_format=torch.channels_last)
+            return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, stride, padding, dilation, groups)
     y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    if act:
-        y = apply_activation(y, act, attrs.get("act_keys"), attrs.get("act_values"))
-    if residual is not None:
-        y = y.add_(residual.to(y.dtype))
-    return y
+    return epilogue(y, residual, act, attrs.get("act_keys"), attrs.get("act_values"), after)
 
 
 def _is_cuda_linear(node: Node, device: torch.device) -> bool:
@@ -85,17 +87,17 @@ def cublas_linear(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
     if alpha != 1.0:
         a = a * alpha
     act = attrs.get("activation", "")
-    if act == "Relu" and bias is not None and bias.dim() == 1 and a.dim() == 2:
-        y = torch._addmm_activation(bias.to(a.dtype), a, w_nk.t(), use_gelu=False)
-    else:
-        y = F.linear(a, w_nk, bias.to(a.dtype) if bias is not None and bias.dim() == 1 else None)
-        if bias is not None and bias.dim() != 1:
-            y = y + bias.to(y.dtype)
-        if act:
-            y = apply_activation(y, act, attrs.get("act_keys"), attrs.get("act_values"))
-    if residual is not None:
-        y = y.add_(residual.to(y.dtype))
-    return y
+    after = attrs.get("act_after_residual", 0)
+    if act == "Relu" and not (after and residual is not None) and bias is not None and bias.dim() == 1 \
+            and a.dim() >= 2 and a.is_contiguous():
+        # cuBLASLt bias+ReLU epilogue, one kernel; leading dims folded into M
+        a2 = a.reshape(-1, a.shape[-1])
+        y = torch._addmm_activation(bias.to(a.dtype), a2, w_nk.t(), use_gelu=False).view(*a.shape[:-1], -1)
+        return y if residual is None else y.add_(residual.to(y.dtype))
+    y = F.linear(a, w_nk, bias.to(a.dtype) if bias is not None and bias.dim() == 1 else None)
+    if bias is not None and bias.dim() != 1:
+        y = y + bias.to(y.dtype)
+    return epilogue(y, residual, act, attrs.get("act_keys"), attrs.get("act_values"), after)
 
 
 def bind(node: Node, name: str) -> dict[str, Any]:

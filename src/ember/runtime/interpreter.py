@@ -16,7 +16,7 @@ from ..ir.graph import Graph, Node
 from ..kernels import BoundTactic, bind_tactic
 from ..ops import OpContext, OpDef, get
 from ..ops.torch_types import tensor_from_numpy
-from .specialize import HOST_LIMIT, Specialization, signature_of, specialize
+from .specialize import HOST_LIMIT, Specialization, fuse_steps, signature_of, specialize
 
 
 @dataclass
@@ -27,6 +27,7 @@ class _Step:
     outputs: list[str]
     attrs: dict[str, Any]
     free_after: list[str]  # values whose last use is this step
+    kernel: Any = None  # (subgraph steps are never fused)
 
 
 class _Plan:
@@ -59,7 +60,7 @@ class Interpreter:
     """Runs a graph (and its subgraphs) on one device."""
 
     def __init__(self, graph: Graph, device: "str | torch.device" = "cpu",
-                 weights: "dict[str, torch.Tensor] | None" = None):
+                 weights: "dict[str, torch.Tensor] | None" = None, fuse_groups: "bool | str" = True):
         self.graph = graph
         self.device = torch.device(device)
         self._plans: dict[int, _Plan] = {}
@@ -84,6 +85,13 @@ class Interpreter:
         self.small_consts = {k: (t if t.device.type == "cpu" else t.cpu()) for k, t in self.consts.items()
                              if t.numel() <= HOST_LIMIT}
         self.on_step: Any = None  # optional hook(step, args), used by the tuner and the profiler
+        # fusion groups become one generated Triton kernel each on CUDA (node by node elsewhere)
+        self.group_kernels: dict = {}
+        self.groups_skipped: dict[str, str] = {}
+        if fuse_groups is True and self.device.type == "cuda" or fuse_groups == "always":
+            from ..kernels.fused_groups import lower_groups
+
+            self.group_kernels = lower_groups(graph, self.groups_skipped)
         self.specializations: "OrderedDict[tuple, Specialization]" = OrderedDict()
         self.max_specializations = 64
 
@@ -105,6 +113,8 @@ class Interpreter:
         spec = self.specializations.get(sig)
         if spec is None:
             spec = specialize(self.graph, feeds, self.small_consts, self.device)
+            if self.group_kernels:
+                fuse_steps(self.graph, spec, self.group_kernels)
             self.specializations[sig] = spec
             if len(self.specializations) > self.max_specializations:
                 self.specializations.popitem(last=False)
@@ -139,6 +149,11 @@ class Interpreter:
                 ) from None
             if self.on_step is not None:
                 self.on_step(step, args)
+            if step.kernel is not None:  # a generated kernel for a whole fusion group
+                env[step.outputs[0]] = step.kernel(*args)
+                for name in step.free_after:
+                    env.maps[0].pop(name, None)
+                continue
             ctx = OpContext(num_outputs=len(step.outputs), node_name=step.node.name, run_graph=run_sub,
                             output_dtypes=[o.dtype for o in step.node.outputs])
             try:

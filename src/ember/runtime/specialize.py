@@ -9,7 +9,7 @@ host, so a run needs no device-to-host sync and can be captured in a CUDA graph.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -30,6 +30,8 @@ class Step:
     inputs: list[Optional[str]]  # env keys ('name' or 'name@dev' for a host value used as data)
     outputs: list[str]
     free_after: list[str] = field(default_factory=list)
+    kernel: Optional[Callable[..., Any]] = None  # a generated kernel standing for several nodes
+    fused: int = 1  # how many graph nodes this step computes
 
 
 @dataclass
@@ -158,7 +160,15 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
     for v in graph.outputs:
         if v.name in known:
             host[v.name] = known[v.name].to(device)
-    # free values after their last use among the steps
+    assign_frees(graph, steps)
+    shapes = {k: tuple(t.shape) for k, t in meta.items() if isinstance(t, torch.Tensor)}
+    return Specialization(signature_of(graph, feeds), steps, host, shapes, not reasons, reasons, folded)
+
+
+def assign_frees(graph: Graph, steps: list[Step]) -> None:
+    """Free each value after its last use among the steps (graph outputs are kept)."""
+    for s in steps:
+        s.free_after = []
     keep = {v.name for v in graph.outputs}
     last: dict[str, int] = {}
     for i, s in enumerate(steps):
@@ -172,5 +182,33 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
     for k, i in last.items():
         if k in produced and k not in keep:
             steps[i].free_after.append(k)
-    shapes = {k: tuple(t.shape) for k, t in meta.items() if isinstance(t, torch.Tensor)}
-    return Specialization(signature_of(graph, feeds), steps, host, shapes, not reasons, reasons, folded)
+
+
+def fuse_steps(graph: Graph, spec: Specialization, kernels: dict) -> int:
+    """Replace the steps of each fusion group by one step running its generated kernel.
+
+    ``kernels``: group id -> kernel with ``.nodes``, ``.inputs`` (Values) and ``.output``. A group
+    is fused only when all its nodes are device steps of this signature. Returns groups fused.
+    """
+    by_node = {id(s.node): i for i, s in enumerate(spec.steps)}
+    drop: set[int] = set()
+    fused = 0
+    for k in kernels.values():
+        idx = [by_node.get(id(n)) for n in k.nodes]
+        if any(i is None for i in idx):
+            continue  # part of the group was folded on the host at these shapes
+        key_of: dict[str, Optional[str]] = {}
+        for i in idx:
+            st = spec.steps[i]
+            for v, key in zip(st.node.inputs, st.inputs):
+                if v is not None:
+                    key_of[v.name] = key
+        sink = spec.steps[idx[-1]]
+        spec.steps[idx[-1]] = Step(sink.node, sink.opdef, [key_of.get(v.name, v.name) for v in k.inputs],
+                                   [k.output.name], kernel=k, fused=len(idx))
+        drop.update(idx[:-1])
+        fused += 1
+    if fused:
+        spec.steps = [s for i, s in enumerate(spec.steps) if i not in drop]
+        assign_frees(graph, spec.steps)
+    return fused
