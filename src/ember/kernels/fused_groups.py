@@ -294,3 +294,43 @@ def lower_groups(graph: Graph, skipped: Optional[dict[str, str]] = None) -> dict
 
 
 GroupRunner = Callable[..., torch.Tensor]
+
+
+# -- ahead-of-time compile check (no GPU needed) ----------------------------------------------------
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.bool: "*i1",
+        torch.int8: "*i8", torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
+
+
+def compile_for_target(kernel: FusedGroupKernel, arch: int = 90) -> dict[str, str]:
+    """Compile the kernel's main variants for CUDA sm_<arch> with Triton's real compiler, without a
+    GPU (triton ships ptxas): {variant: PTX}. Catches what the interpreter does not (types, scoping).
+    Needs TRITON_INTERPRET unset in this process."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    mod = kernel._kernels()
+    prog = kernel.program
+    ptrs = [_PTR[to_torch(kernel.output.dtype)]] + [_PTR[to_torch(kernel.inputs[i].dtype)] for i in prog.loaded]
+    variants: dict[str, tuple[str, dict[str, Any]]] = {}
+    if prog.row:
+        variants["row"] = (prog.name, dict(IDX64=False, BLOCK=1024))
+        variants["row_idx64"] = (prog.name, dict(IDX64=True, BLOCK=1024))
+        variants["looped"] = (prog.name + "_looped", dict(IDX64=False, BLOCK=LOOP_BLOCK))
+    else:
+        n = len(prog.loaded)
+        for label, mode, coords in (("flat", 0, False), ("strided", 1, True), ("scalar", 2, False)):
+            variants[label] = (prog.name, dict({f"MODE{k}": mode for k in range(n)}, COORDS=coords, IDX64=False,
+                                               BLOCK=POINTWISE_BLOCK))
+        variants["strided_idx64"] = (prog.name, dict({f"MODE{k}": 1 for k in range(n)}, COORDS=True, IDX64=True,
+                                                     BLOCK=POINTWISE_BLOCK))
+    out: dict[str, str] = {}
+    for label, (name, consts) in variants.items():
+        fn = getattr(mod, name)
+        sig: dict[str, str] = {}
+        for i, p in enumerate(fn.arg_names):
+            sig[p] = ptrs[i] if p.endswith("_ptr") else "constexpr" if p in consts else "i32"
+        compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": 4})
+        out[label] = compiled.asm["ptx"]
+    return out

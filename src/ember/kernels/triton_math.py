@@ -58,7 +58,23 @@ def _pow(a, b):
 
 if INTERPRET:
     tanh, log1p, expm1, pow = _tanh, _log1p, _expm1, _pow  # noqa: A001
-else:  # pragma: no cover - needs a GPU
+else:
+    # Wrappers, not aliases: Triton swaps the generic libdevice module for the backend's (CUDA/HIP) only
+    # where a kernel's globals hold it directly, not behind another module's attribute.
     from triton.language.extra import libdevice
 
-    tanh, log1p, expm1, pow = libdevice.tanh, libdevice.log1p, libdevice.expm1, libdevice.pow  # noqa: A001
+    @triton.jit
+    def tanh(x):
+        return libdevice.tanh(x)
+
+    @triton.jit
+    def log1p(x):
+        return libdevice.log1p(x)
+
+    @triton.jit
+    def expm1(x):
+        return libdevice.expm1(x)
+
+    @triton.jit
+    def pow(a, b):  # noqa: A001
+        return libdevice.pow(a, b)
