@@ -222,3 +222,29 @@ def test_bearer_token_auth_and_separate_metrics_port(make_server, standard_repo)
         g.get_model_metadata("affine")
     assert g.get_model_metadata("affine", headers={"authorization": "Bearer s3cret"}).name == "affine"
     g.close()
+
+
+def test_concurrency_limit_answers_503_json(make_server, repo_builder):
+    import threading
+
+    repo_builder.add("slow", "affine", "max_batch_size: 8\ndynamic_batching: {max_queue_delay_ms: 300}\n")
+    srv = make_server(repo_builder.root, max_connections=2)
+    base = f"http://127.0.0.1:{srv.http_port}"
+    doc = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}]}
+    results = []
+
+    def one():
+        with httpx.Client(base_url=base, timeout=30) as c:
+            r = c.post("/v2/models/slow/infer", json=doc)
+            results.append((r.status_code, r.json()))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    codes = sorted(code for code, _ in results)
+    assert codes.count(200) >= 2 and 503 in codes and set(codes) <= {200, 503}
+    assert all("--max-connections" in doc["error"] for code, doc in results if code == 503)
+    with httpx.Client(base_url=base) as c:
+        assert c.get("/v2/health/live").status_code == 200

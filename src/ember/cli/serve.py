@@ -54,7 +54,7 @@ def _size(text: str) -> int:
 @click.option("--max-queue-size", type=click.IntRange(1), default=1024, show_default=True,
               help="Queue limit per model (and priority level) where the config does not set one.")
 @click.option("--max-connections", type=click.IntRange(1), default=2048, show_default=True,
-              help="Concurrent HTTP connections/requests before the server answers 503.")
+              help="Concurrent HTTP requests (and gRPC calls) before the server answers 503 (RESOURCE_EXHAUSTED).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where engines built from model.onnx are cached [default: ~/.cache/ember/serve].")
 @click.option("--strict/--no-strict", default=True, show_default=True,
@@ -83,8 +83,8 @@ def serve_cmd(repo: str, host: str, http_port: int, grpc_port: int, metrics_port
         load_models=list(load_models) or None, poll_interval_s=repository_poll_secs, auth_token=_token(auth_token_file),
         max_request_size=_size(max_request_size), max_queue_size=max_queue_size,
         cache_dir=Path(cache_dir) if cache_dir else Path.home() / ".cache" / "ember" / "serve",
-        strict=strict, drain_timeout_s=drain_timeout)
+        strict=strict, drain_timeout_s=drain_timeout, max_connections=max_connections)
     if host not in ("127.0.0.1", "localhost", "::1") and settings.auth_token is None:
         logging.getLogger("ember.serve").warning(
             "binding %s without --auth-token-file: anyone who can reach this port can run and load models", host)
-    asyncio.run(InferenceServer(settings, max_connections=max_connections).run())
+    asyncio.run(InferenceServer(settings).run())

@@ -46,6 +46,7 @@ class ServerSettings:
     auth_token: str | None = None
     max_request_size: int = 64 << 20
     max_queue_size: int = 1024  # per model and priority level, where the config says 0
+    max_connections: int = 2048  # concurrent HTTP requests / gRPC calls before 503 / RESOURCE_EXHAUSTED
     cache_dir: Path | None = None
     strict: bool = True  # exit when a model fails to load at startup
     drain_timeout_s: float = 30.0

@@ -280,10 +280,9 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
 def build_grpc_server(service: InferenceService) -> grpc.aio.Server:
     limit = service.settings.max_request_size
     interceptors = [_AuthInterceptor(service)] if service.auth_required else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.max_send_message_length", -1),
-        ("grpc.so_reuseport", 0),
-    ])
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=interceptors, options=options,
+                             maximum_concurrent_rpcs=service.settings.max_connections)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
     return server

@@ -38,6 +38,8 @@ class _Guard:
         self.app = app
         self.service = service
         self.limit = service.settings.max_request_size
+        self.max_active = service.settings.max_connections
+        self.active = 0
         self.public = PUBLIC_PATHS + (("/metrics",) if metrics_public else ())
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -69,7 +71,16 @@ class _Guard:
                                                "(--max-request-size)")
             return message
 
-        await self.app(scope, limited_receive, send)
+        if self.active >= self.max_active and scope["path"] not in PUBLIC_PATHS:
+            self.service.count_error("http", "OVERLOADED")
+            resp = _error(503, f"the server is handling {self.active} requests, its limit (--max-connections); "
+                               "retry with backoff")
+            return await resp(scope, receive, send)
+        self.active += 1
+        try:
+            await self.app(scope, limited_receive, send)
+        finally:
+            self.active -= 1
 
 
 def _route(service: InferenceService, fn: Handler) -> Handler:

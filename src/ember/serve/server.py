@@ -56,9 +56,8 @@ def _bind(host: str, port: int, what: str) -> socket.socket:
 
 
 class InferenceServer:
-    def __init__(self, settings: ServerSettings, max_connections: int = 2048):
+    def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self.max_connections = max_connections
         self.service: InferenceService | None = None
         self.http_port: int | None = None
         self.grpc_port: int | None = None
@@ -71,7 +70,8 @@ class InferenceServer:
     def _uvicorn(self, app: Any, sock: socket.socket) -> None:
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=int(self.settings.drain_timeout_s) or None,
-                                limit_concurrency=self.max_connections, server_header=False)
+                                # a backstop: the app answers 503 with a JSON error first (see http_app._Guard)
+                                limit_concurrency=2 * self.settings.max_connections + 64, server_header=False)
         server = _Uvicorn(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         self._uvicorns.append((server, task))
