@@ -440,31 +440,37 @@ def constants_kept(graph: onnx.GraphProto) -> set[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # session cache (used by tests/models/conftest.py)
 
+# Process-wide, so the several test directories that use the zoo pay for each export once per pytest run
+# (a dynamo export costs seconds); files stay in the directory of the Zoo that first asked for them.
+_MODULES: dict[str, torch.nn.Module] = {}
+_EXPORTS: dict[tuple[str, str, int], ExportedModel] = {}
+BUILD_SECONDS: dict[str, float] = {}
+
+
 class Zoo:
-    """Exports lazily, once per (model, exporter, opset); builds each torch model once."""
+    """Exports lazily, once per (model, exporter, opset) per process; builds each torch model once."""
 
     def __init__(self, out_dir: str | os.PathLike):
         self.out_dir = Path(out_dir)
-        self._modules: dict[str, torch.nn.Module] = {}
-        self._exports: dict[tuple[str, str, int], ExportedModel] = {}
-        self.build_seconds: dict[str, float] = {}
 
-    def exported(self) -> list[ExportedModel]:
-        return list(self._exports.values())
+    @staticmethod
+    def exported() -> list[ExportedModel]:
+        """Every export made in this process so far, by any Zoo."""
+        return list(_EXPORTS.values())
 
     def get(self, name: str, exporter: str, opset: int) -> ExportedModel:
         key = (name, exporter, opset)
-        if key not in self._exports:
+        if key not in _EXPORTS or not _EXPORTS[key].path.exists():
             spec = SPECS[name]
-            if name not in self._modules:
+            if name not in _MODULES:
                 t0 = time.perf_counter()
-                self._modules[name] = spec.build()
-                self.build_seconds[name] = time.perf_counter() - t0
+                _MODULES[name] = spec.build()
+                BUILD_SECONDS[name] = time.perf_counter() - t0
             if exporter == "dynamo" and opset == 17:  # one dynamo export serves opsets 18 and 17
-                self._exports[key] = downgrade_export(self.get(name, exporter, DYNAMO_NATIVE_OPSET), self.out_dir)
+                _EXPORTS[key] = downgrade_export(self.get(name, exporter, DYNAMO_NATIVE_OPSET), self.out_dir)
             else:
-                self._exports[key] = export_model(spec, self.out_dir, exporter, opset, module=self._modules[name])
-        return self._exports[key]
+                _EXPORTS[key] = export_model(spec, self.out_dir, exporter, opset, module=_MODULES[name])
+        return _EXPORTS[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
