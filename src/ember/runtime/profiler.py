@@ -132,6 +132,50 @@ def _tactic(interp: Any, node: Any) -> str:
     return tactic
 
 
+def _mark(is_cuda: bool) -> Any:
+    if is_cuda:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+    return time.perf_counter()
+
+
+def _elapsed_ms(a: Any, b: Any, is_cuda: bool) -> float:
+    return a.elapsed_time(b) if is_cuda else (b - a) * 1e3
+
+
+def _timed_run(interp: Any, spec: Any, tensors: dict[str, Any], is_cuda: bool) -> list[Any]:
+    """One run with a mark before each top-level step and one at the end: len(steps) + 1 marks.
+
+    Through the interpreter's ``on_step`` hook where it has one (so the run is exactly ``run``),
+    else by executing the steps one at a time."""
+    steps = spec.steps
+    marks: list[Any] = [None] * (len(steps) + 1)
+    if hasattr(interp, "on_step"):
+        index = {id(s): i for i, s in enumerate(steps)}  # subgraph steps call the hook too: skip them
+
+        def hook(step: Any, args: Any) -> None:
+            i = index.get(id(step))
+            if i is not None:
+                marks[i] = _mark(is_cuda)
+
+        prev, interp.on_step = interp.on_step, hook
+        try:
+            interp.run(tensors)
+        finally:
+            interp.on_step = prev
+        marks[-1] = _mark(is_cuda)
+    else:
+        env: Any = ChainMap(dict(tensors), spec.host, interp.consts)
+        for i, step in enumerate(steps):
+            marks[i] = _mark(is_cuda)
+            interp.execute([step], env)
+        marks[-1] = _mark(is_cuda)
+    if any(m is None for m in marks):
+        raise EmberError("profile_layers: the run did not go through the steps of its specialization")
+    return marks
+
+
 def profile_layers(engine: Any, feeds: Mapping[str, Any], runs: int = 10, warmup: int = 2) -> LayerProfile:
     """Time every step of one run of ``engine`` on ``feeds`` (numpy or device tensors).
 
@@ -148,31 +192,16 @@ def profile_layers(engine: Any, feeds: Mapping[str, Any], runs: int = 10, warmup
         per_step: list[list[float]] = [[] for _ in steps]
         run_times: list[float] = []
         for r in range(warmup + runs):
-            env: Any = ChainMap(dict(tensors), spec.host, interp.consts)
             if is_cuda:
                 torch.cuda.synchronize()
-                marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(steps) + 1)]
-                marks[0].record()
-                for i, step in enumerate(steps):
-                    interp.execute([step], env)
-                    marks[i + 1].record()
+            marks = _timed_run(interp, spec, tensors, is_cuda)
+            if is_cuda:
                 torch.cuda.synchronize()
-                if r >= warmup:
-                    for i in range(len(steps)):
-                        per_step[i].append(marks[i].elapsed_time(marks[i + 1]))
-                    run_times.append(marks[0].elapsed_time(marks[-1]))
-            else:
-                t_start = prev = time.perf_counter()
-                times = []
-                for step in steps:
-                    interp.execute([step], env)
-                    now = time.perf_counter()
-                    times.append((now - prev) * 1e3)
-                    prev = now
-                if r >= warmup:
-                    for i, t in enumerate(times):
-                        per_step[i].append(t)
-                    run_times.append((prev - t_start) * 1e3)
+            if r < warmup:
+                continue
+            for i in range(len(steps)):
+                per_step[i].append(_elapsed_ms(marks[i], marks[i + 1], is_cuda))
+            run_times.append(_elapsed_ms(marks[0], marks[-1], is_cuda))
     layers = [LayerTime(i, s.node.name or f"#{i}", s.node.op, _tactic(interp, s.node),
                         statistics.median(per_step[i]) if per_step[i] else 0.0)
               for i, s in enumerate(steps)]
