@@ -250,6 +250,19 @@ def test_mixed_layouts_and_strided_views():
     assert len(k._plans) == 4  # ...computed once
 
 
+def test_preallocated_output():
+    g, nodes = build({"x": (F32, (2, 8, 5, 3)), "b": (F32, (8, 1, 1))}, [("Add", ["x", "b"], {})])
+    k = fuse_group(nodes, *group_io(nodes))
+    x = torch.randn(2, 8, 5, 3, device=DEV).to(memory_format=torch.channels_last)
+    b = torch.randn(8, 1, 1, device=DEV)
+    shape, stride, dtype = k.output_layout(x, b)
+    buf = torch.empty_strided(shape, stride, dtype=dtype, device=DEV)
+    assert k(x, b, out=buf) is buf
+    torch.testing.assert_close(buf, x + b)
+    with pytest.raises(ValueError, match="strides"):
+        k(x, b, out=torch.empty(shape, device=DEV))  # contiguous, but the result is channels_last
+
+
 @pytest.mark.parametrize("dt", [DType.FLOAT16, DType.BFLOAT16])
 def test_half_precision_rows(dt):
     g, nodes = build({"x": (dt, (3, 37)), "r": (dt, (3, 37)), "s": (dt, (37,)), "b": (dt, (37,))},

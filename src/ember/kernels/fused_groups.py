@@ -19,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -92,7 +92,9 @@ class FusedGroupKernel:
         return self._module
 
     # -- launch ----------------------------------------------------------------------------------
-    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *tensors: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run the group. ``out``: a preallocated result (the memory planner's buffer) with the
+        layout :meth:`output_layout` gives for these inputs."""
         if len(tensors) != len(self.inputs):
             raise TypeError(f"fused group {self.program.name}: expected {len(self.inputs)} tensors "
                             f"(one per group input: {', '.join(v.name for v in self.inputs)}), got {len(tensors)}")
@@ -101,10 +103,24 @@ class FusedGroupKernel:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(loaded)
-        out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=self.out_dtype, device=loaded[0].device)
+        if out is None:
+            out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=self.out_dtype, device=loaded[0].device)
+        elif tuple(out.shape) != plan.out_shape or out.stride() != plan.out_stride or out.dtype != self.out_dtype:
+            raise ValueError(f"fused group {self.program.name}: out= must be {self.out_dtype} of shape "
+                             f"{plan.out_shape} and strides {plan.out_stride}, got {out.dtype} {tuple(out.shape)} "
+                             f"{out.stride()}")
         if plan.grid[0]:
             plan.fn[plan.grid](out, *loaded, *plan.ints, **plan.meta)
         return out
+
+    def output_layout(self, *tensors: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
+        """(shape, strides, dtype) of the result for these inputs: what a memory planner allocates."""
+        loaded = [tensors[i] for i in self.program.loaded]
+        key = tuple((t.shape, t.stride(), t.dtype) for t in loaded)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(loaded)
+        return plan.out_shape, plan.out_stride, self.out_dtype
 
     def _domain(self, loaded: list[torch.Tensor]) -> tuple[int, ...]:
         dom = tuple(torch.broadcast_shapes(*[t.shape for t in loaded]))
@@ -278,13 +294,15 @@ def lower_groups(graph: Graph, skipped: Optional[dict[str, str]] = None) -> dict
     """A kernel for every fusion group of an optimized graph; unsupported ones go into ``skipped``
     (group id -> reason) and keep running node by node."""
     outputs = {id(v) for v in graph.outputs}
+    users = graph.consumers()
     kernels: dict[str, FusedGroupKernel] = {}
     for gid, nodes in collect_groups(graph).items():
         try:
             inputs, output = group_io(nodes)
-            inner = [o for n in nodes for o in n.outputs if o is not output and id(o) in outputs]
-            if inner:
-                raise Unsupported(f"'{inner[0].name}' is a graph output computed inside the group")
+            members = {id(n) for n in nodes}
+            for o in (o for n in nodes for o in n.outputs if o is not output):
+                if id(o) in outputs or any(id(u) not in members for u in users.get(o, [])):
+                    raise Unsupported(f"'{o.name}' is computed inside the group but read outside it")
             kernels[gid] = FusedGroupKernel(nodes, inputs, output)
         except Unsupported as e:
             if skipped is not None:
@@ -292,8 +310,6 @@ def lower_groups(graph: Graph, skipped: Optional[dict[str, str]] = None) -> dict
             log.info("fusion group %s not generated: %s", gid, e)
     return kernels
 
-
-GroupRunner = Callable[..., torch.Tensor]
 
 
 # -- ahead-of-time compile check (no GPU needed) ----------------------------------------------------
