@@ -2,6 +2,7 @@
 
     k = fuse_group(nodes, inputs, output)      # None when the group cannot be generated
     y = k(*[env[v.name] for v in inputs])      # every input in order, constants included
+    k(*tensors, out=buf)                       # into a planner's buffer of k.output_layout(*tensors)
 
 The source is generated once per group (``k.source``; the same group always gives the same
 text) and imported from a file named by its hash, since Triton reads a kernel's source back.

@@ -189,7 +189,7 @@ def _pow(b: Builder, node: Node, x: Operand, y: Operand) -> Operand:
     if not y.var:  # constant exponent: the common cases as products, others through exp/log
         e = float(y.text.replace('float("', "").replace('")', ""))
         special = {1.0: "{0}", 2.0: "({0} * {0})", 3.0: "({0} * {0} * {0})", 0.5: "tl.sqrt({0})",
-                   -1.0: "(1.0 / {0})", -0.5: "(1.0 / tl.sqrt({0}))", 0.0: "({0} * 0.0 + 1.0)"}
+                   -1.0: "(1.0 / {0})", -0.5: "(1.0 / tl.sqrt({0}))", 0.0: "(tl.zeros_like({0}) + 1.0)"}
         if e in special:
             return b.fmt(special[e], "f", x)
         return b.fmt("tm.pow({0}, " + _f(e) + ")", "f", x)
