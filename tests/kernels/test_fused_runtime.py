@@ -48,9 +48,10 @@ def test_fused_steps_match_node_by_node(tmp_path):
     eng = ember.build(str(p), device="cpu", opt_level=2)
     groups = {n.meta["group"] for n in eng.graph.nodes if "group" in n.meta}
     assert groups, "the optimizer marked no fusion group in this block"
-    x = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 8, 32)).astype(np.float32))
-    plain = Interpreter(eng.graph, "cpu", fuse_groups=False).run({"x": x})["y"]
-    fused_interp = Interpreter(eng.graph, "cpu", fuse_groups="always")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton's interpreter
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 8, 32)).astype(np.float32)).to(dev)
+    plain = Interpreter(eng.graph, dev, fuse_groups=False).run({"x": x})["y"]
+    fused_interp = Interpreter(eng.graph, dev, fuse_groups="always")
     assert fused_interp.group_kernels, f"no group was generated: {fused_interp.groups_skipped}"
     fused = fused_interp.run({"x": x})["y"]
     spec = next(iter(fused_interp.specializations.values()))

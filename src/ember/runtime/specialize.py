@@ -116,7 +116,8 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
                 keys.append(None)
                 args.append(None)
             elif i in opdef.host_inputs and v.name in known:
-                keys.append(v.name)
+                # shape parameters are read on the host: constants too (their device copy would sync)
+                keys.append(v.name + "@host" if v.name in graph.initializers else v.name)
                 args.append(known[v.name])
             elif v.name in known and v.name not in graph.initializers:
                 keys.append(v.name + "@dev")
@@ -150,6 +151,8 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
                 continue
             if k.endswith("@dev"):
                 host[k] = known[k[:-4]].to(device)
+            elif k.endswith("@host"):
+                host[k] = known[k[:-5]]
             elif k in known and k not in graph.initializers:
                 host[k] = known[k]
         for sg in s.node.subgraphs():  # subgraphs read outer values by name, as data
