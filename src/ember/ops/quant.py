@@ -199,3 +199,22 @@ def _qlinear_matmul_rule(node):
     if a.shape is None or b.shape is None:
         return [(y_zp.dtype, None)]
     return [(y_zp.dtype, matmul_shape(a.shape, b.shape))]
+
+
+@op("BitCast", kind="pointwise")
+def bitcast(x, *, to: int):
+    """Reinterpret the bits as another type of the same width (little endian, as torch stores)."""
+    dt = ONNX_TO_DTYPE.get(to)
+    if dt is None:
+        raise ValueError(f"BitCast to ONNX type {to}, which ember does not run")
+    target = to_torch(dt)
+    if x.element_size() != torch.empty((), dtype=target).element_size():
+        raise ValueError(f"BitCast from {x.dtype} to {target}: the bit widths differ")
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)  # same byte, 0 or 1
+    return x.view(target)
+
+
+@shape_rule("BitCast")
+def _bitcast_shape(node):
+    return [(ONNX_TO_DTYPE.get(node.attrs["to"]), node.inputs[0].shape)]
