@@ -132,7 +132,9 @@ outputs:
   - {name: diff, dtype: float32, shape: [3]}
 dynamic_batching: {max_queue_delay_us: 200}
 warmup:
-  - {name: zeros, batch_size: 2, inputs: {a: {dtype: float32, shape: [3]}, b: {dtype: float32, shape: [3], data: random}}}
+  - name: zeros
+    batch_size: 2
+    inputs: {a: {dtype: float32, shape: [3]}, b: {dtype: float32, shape: [3], data: random}}
 """
 
 NOBATCH_CONFIG = """
@@ -187,8 +189,8 @@ def start_server(repo: Path, **kw) -> "object":
     from ember.serve import ServerSettings, ServerThread
 
     kw.setdefault("gpu_metrics", False)
-    settings = ServerSettings(repo, host="127.0.0.1", http_port=kw.pop("http_port", 0), grpc_port=kw.pop("grpc_port", 0),
-                              **kw)
+    settings = ServerSettings(repo, host="127.0.0.1", http_port=kw.pop("http_port", 0),
+                              grpc_port=kw.pop("grpc_port", 0), **kw)
     return ServerThread(settings).start()
 
 

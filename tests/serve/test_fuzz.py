@@ -18,7 +18,8 @@ import pytest
 pytestmark = pytest.mark.timeout(180)
 
 MODELS = ["affine", "addsub", "scale", "nobatch", "triton_affine", "ghost", "bad name", "..", "%2e%2e"]
-DATATYPES = ["FP32", "FP16", "FP64", "INT64", "INT32", "INT8", "UINT8", "BOOL", "BYTES", "BF16", "fp32", "", "TYPE_FP32"]
+DATATYPES = ["FP32", "FP16", "FP64", "INT64", "INT32", "INT8", "UINT8", "BOOL", "BYTES", "BF16", "fp32", "",
+             "TYPE_FP32"]
 KEYS = ["inputs", "outputs", "name", "shape", "datatype", "data", "parameters", "binary_data_size", "binary_data",
         "binary_data_output", "priority", "classification", "id", "shared_memory_region", "ready", "config"]
 
@@ -29,7 +30,8 @@ def _valid(model: str, rng: random.Random) -> dict:
         return {"inputs": [{"name": n, "shape": [rows, 3], "datatype": "FP32", "data": [rng.random()] * rows * 3}
                            for n in ("a", "b")]}
     if model == "scale":
-        return {"inputs": [{"name": "idx", "shape": [rows, 2], "datatype": "INT64", "data": [rng.randint(-9, 9)] * rows * 2}]}
+        data = [rng.randint(-9, 9)] * rows * 2
+        return {"inputs": [{"name": "idx", "shape": [rows, 2], "datatype": "INT64", "data": data}]}
     return {"inputs": [{"name": "x", "shape": [rows, 4], "datatype": "FP32", "data": [rng.random()] * rows * 4}]}
 
 
@@ -169,7 +171,7 @@ def test_repository_endpoints_with_malformed_bodies(server):
     rng = random.Random(99)
     base = f"http://127.0.0.1:{server.http_port}"
     with httpx.Client(base_url=base, timeout=60) as c:
-        for i in range(300):
+        for _ in range(300):
             action = rng.choice(["load", "unload", "index"])
             body = rng.choice([
                 json.dumps(_junk(rng)).encode(),
@@ -179,7 +181,8 @@ def test_repository_endpoints_with_malformed_bodies(server):
                 bytes(rng.randrange(256) for _ in range(rng.randint(0, 50))),
             ])
             # only nobatch is touched, so the fuzz cannot starve itself of models
-            path = "/v2/repository/index" if action == "index" else f"/v2/repository/models/{rng.choice(['nobatch', 'ghost', '..'])}/{action}"
+            model = rng.choice(["nobatch", "ghost", ".."])
+            path = "/v2/repository/index" if action == "index" else f"/v2/repository/models/{model}/{action}"
             r = c.post(path, content=body)
             _check(r, "POST", path, body)
         assert c.post("/v2/repository/models/nobatch/load").status_code == 200

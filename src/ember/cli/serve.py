@@ -14,7 +14,8 @@ def _token(token_file: "str | None") -> "str | None":
         try:
             token = Path(token_file).read_text().strip()
         except OSError as e:
-            raise click.BadParameter(f"cannot read {token_file}: {e.strerror}", param_hint="--auth-token-file")
+            raise click.BadParameter(f"cannot read {token_file}: {e.strerror}",
+                                     param_hint="--auth-token-file") from None
         if not token:
             raise click.BadParameter(f"{token_file} is empty", param_hint="--auth-token-file")
         return token
@@ -29,7 +30,8 @@ def _size(text: str) -> int:
             return int(float(t[:-1]) * units[t[-1]])
         return int(t)
     except ValueError:
-        raise click.BadParameter(f"'{text}' is not a size like 64M or 1048576", param_hint="--max-request-size")
+        raise click.BadParameter(f"'{text}' is not a size like 64M or 1048576",
+                                 param_hint="--max-request-size") from None
 
 
 @click.command("serve")

@@ -348,7 +348,8 @@ def _yaml_warmup(w: Any, src: str, i: int) -> Warmup:
     for k, spec in raw.items():
         if not isinstance(spec, dict):
             raise _fail(src, f"{where}.inputs.{k} must be a mapping with dtype, shape and data")
-        _check_keys(spec, {"dtype", "datatype", "data_type", "shape", "dims", "data", "file"}, src, f"{where}.inputs.{k}")
+        _check_keys(spec, {"dtype", "datatype", "data_type", "shape", "dims", "data", "file"}, src,
+                    f"{where}.inputs.{k}")
         dt = spec.get("dtype", spec.get("datatype", spec.get("data_type")))
         shape = spec.get("shape", spec.get("dims"))
         if dt is None or shape is None:
@@ -418,7 +419,8 @@ def config_from_pbtxt(msg: PbMessage, name: str, src: str) -> ModelConfig:
             level = _int(_one(entry, "key", 0), src, "priority_queue_policy.key", 1)
             ppol[level] = _pb_queue_policy(_one(entry, "value"), src, f"priority_queue_policy[{level}]")
         cfg.dynamic_batching = DynamicBatching(
-            preferred_batch_sizes=tuple(_int(p, src, "preferred_batch_size", 1) for p in db.get("preferred_batch_size", [])),
+            preferred_batch_sizes=tuple(_int(p, src, "preferred_batch_size", 1)
+                                        for p in db.get("preferred_batch_size", [])),
             max_queue_delay_us=_int(_one(db, "max_queue_delay_microseconds", 0), src, "max_queue_delay_microseconds"),
             priority_levels=_int(_one(db, "priority_levels", 0), src, "priority_levels"),
             default_priority_level=_int(_one(db, "default_priority_level", 0), src, "default_priority_level"),
@@ -436,7 +438,8 @@ def config_from_pbtxt(msg: PbMessage, name: str, src: str) -> ModelConfig:
         cfg.version_policy = VersionPolicy("all")
     elif "specific" in vp:
         vs = (_one(vp, "specific") or {}).get("versions", [])
-        cfg.version_policy = VersionPolicy("specific", versions=tuple(_int(v, src, "version_policy.specific", 1) for v in vs))
+        versions = tuple(_int(v, src, "version_policy.specific", 1) for v in vs)
+        cfg.version_policy = VersionPolicy("specific", versions=versions)
     for i, w in enumerate(msg.get("model_warmup", [])):
         inputs = {}
         for entry in w.get("inputs", []):

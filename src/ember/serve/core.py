@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,6 @@ class ServerSettings:
     strict: bool = True  # exit when a model fails to load at startup
     drain_timeout_s: float = 30.0
     gpu_metrics: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class InferenceService:

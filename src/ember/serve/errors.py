@@ -56,6 +56,7 @@ class PayloadTooLargeError(ServeError):
 
     http_status = 413
     grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "TOO_LARGE"
 
 
 class UnauthorizedError(ServeError):
@@ -63,6 +64,7 @@ class UnauthorizedError(ServeError):
 
     http_status = 401
     grpc_code = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
 
 
 class ControlDisabledError(ServeError):
@@ -70,6 +72,7 @@ class ControlDisabledError(ServeError):
 
     http_status = 403
     grpc_code = "PERMISSION_DENIED"
+    reason = "CONTROL_DISABLED"
 
 
 class UnsupportedError(ServeError):
@@ -77,6 +80,7 @@ class UnsupportedError(ServeError):
 
     http_status = 400
     grpc_code = "UNIMPLEMENTED"
+    reason = "UNSUPPORTED"
 
 
 class ShuttingDownError(ServeError):

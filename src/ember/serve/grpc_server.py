@@ -50,7 +50,8 @@ def parse_grpc_request(req: pb.ModelInferRequest) -> InferRequest:
         if name in inputs:
             raise BadRequestError(f"input '{name}' appears twice")
         if dt not in KSERVE_TO_NUMPY:
-            raise BadRequestError(f"input '{name}': datatype must be one of {', '.join(KSERVE_TO_NUMPY)}, got {dt!r:.50}")
+            raise BadRequestError(f"input '{name}': datatype must be one of {', '.join(KSERVE_TO_NUMPY)}, "
+                                  f"got {dt!r:.50}")
         if len(t.shape) > MAX_RANK or any(d < 0 for d in t.shape):
             raise BadRequestError(f"input '{name}': shape {list(t.shape)[:MAX_RANK + 1]} must be at most {MAX_RANK} "
                                   "non-negative dims")

@@ -118,7 +118,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: str, vers
 def _requested(doc: dict, default_binary: bool) -> list[RequestedOutput] | None:
     raw = doc.get("outputs")
     if raw is None:
-        return None if not default_binary else []
+        return None  # every output; binary_data_output picks their form
     if not isinstance(raw, list):
         raise BadRequestError("'outputs' must be a list of {name, parameters}")
     out = []
@@ -166,8 +166,3 @@ def encode_infer_response(resp: InferResponse, default_binary: bool) -> tuple[by
     if not blobs:
         return header, {}, "application/json"
     return header + b"".join(blobs), {HEADER_LENGTH: str(len(header))}, "application/octet-stream"
-
-
-def default_binary_output(req: InferRequest) -> bool:
-    v = req.parameters.get("binary_data_output", False)
-    return v is True

@@ -93,7 +93,8 @@ def batch_policy(config: ModelConfig, default_queue: int) -> BatchPolicy:
     if db is None:
         return BatchPolicy(config.max_batch_size, queue_policies={1: bounded(QueuePolicy())})
     levels = max(db.priority_levels, 1)
-    policies = {lvl: bounded(db.priority_queue_policy.get(lvl, db.default_queue_policy)) for lvl in range(1, levels + 1)}
+    policies = {lvl: bounded(db.priority_queue_policy.get(lvl, db.default_queue_policy))
+                for lvl in range(1, levels + 1)}
     return BatchPolicy(config.max_batch_size, dynamic=config.max_batch_size > 0,
                        preferred_batch_sizes=db.preferred_batch_sizes, max_queue_delay_ns=db.max_queue_delay_us * 1000,
                        priority_levels=levels, default_priority=db.default_priority_level or levels,
@@ -128,14 +129,16 @@ class ServedModel:
 
     async def load(self) -> None:
         try:
-            self.adapter = await asyncio.to_thread(EngineAdapter.load, self.version_dir, self.config.default_model_filename,
-                                                   self.settings.cache_dir, f"{self.name}/{self.version}")
+            self.adapter = await asyncio.to_thread(EngineAdapter.load, self.version_dir,
+                                                   self.config.default_model_filename, self.settings.cache_dir,
+                                                   f"{self.name}/{self.version}")
             self.config = resolve_io(self.config, self.adapter)
             if not self.config.default_model_filename:
                 self.config = replace(self.config, default_model_filename=self.adapter.path.name)
             batched = self.config.max_batch_size > 0
-            self.inputs = [TensorMeta(t.name, t.datatype, ((-1,) if batched else ()) + t.dims) for t in self.config.inputs]
-            self.outputs = [TensorMeta(t.name, t.datatype, ((-1,) if batched else ()) + t.dims) for t in self.config.outputs]
+            lead = (-1,) if batched else ()
+            self.inputs = [TensorMeta(t.name, t.datatype, lead + t.dims) for t in self.config.inputs]
+            self.outputs = [TensorMeta(t.name, t.datatype, lead + t.dims) for t in self.config.outputs]
             self._input_index = {t.name: t for t in self.inputs}
             self._output_index = {t.name: t for t in self.outputs}
             adapter = self.adapter
@@ -267,8 +270,11 @@ class ServedModel:
                 if meta.datatype not in ("BYTES", "BF16") and arr.dtype != KSERVE_TO_NUMPY[meta.datatype]:
                     arr = arr.astype(KSERVE_TO_NUMPY[meta.datatype])
                 if ro is not None and ro.class_count:
-                    outputs.append(OutputTensor(name, "BYTES", classify(arr, ro.class_count, self.config.max_batch_size > 0),
-                                                ro.binary))
+                    if meta.datatype in ("BYTES", "BF16"):
+                        raise BadRequestError(f"model {self.label}: output '{name}' is {meta.datatype}; "
+                                              "classification needs a numeric output")
+                    top = classify(arr, ro.class_count, self.config.max_batch_size > 0)
+                    outputs.append(OutputTensor(name, "BYTES", top, ro.binary))
                 else:
                     outputs.append(OutputTensor(name, meta.datatype, arr, ro.binary if ro else None))
         except ServeError as e:

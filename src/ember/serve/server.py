@@ -108,10 +108,9 @@ class InferenceServer:
                 self._uvicorn(build_metrics_app(service), sock)
         log.info("ember serve: http %s, grpc %s, metrics %s, repository %s", self.http_port, self.grpc_port,
                  self.metrics_port or self.http_port, s.repository)
-        names = s.load_models
-        if names is None and s.model_control_mode == "explicit":
-            names = None  # explicit mode with no --load-model loads everything, like Triton's --load-model=*
-        failed = await service.repository.load_all(names)
+        # every mode loads all models at startup unless --load-model names some (Triton's explicit mode
+        # loads none by default; ember users asked for one rule)
+        failed = await service.repository.load_all(s.load_models)
         if failed and s.strict:
             await self.shutdown()
             lines = "\n".join(f"  - {n}: {msg}" for n, msg in failed.items())
@@ -165,10 +164,20 @@ class InferenceServer:
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError):
                     pass
+        stop = loop.create_task(self._stop.wait())
         try:
-            await self.start()
-            await self.wait()
+            # a signal during startup (models still loading) stops the loading instead of waiting it out
+            start = loop.create_task(self.start())
+            await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if start.done():
+                start.result()  # startup errors propagate
+                await stop
+            else:
+                start.cancel()
+                await asyncio.gather(start, return_exceptions=True)
+                log.info("stopped during startup")
         finally:
+            stop.cancel()
             await self.shutdown()
             for sig in installed:
                 loop.remove_signal_handler(sig)
