@@ -46,8 +46,7 @@ def test_proto_is_wire_compatible_with_tritons():
 
 
 def test_stubs_coexist_with_tritonclient_in_one_process():
-    import tritonclient.grpc as triton_grpc  # noqa: F401  (registers Triton's grpc_service.proto)
-
+    pytest.importorskip("tritonclient.grpc")  # registers Triton's own grpc_service.proto
     msg = pb.ModelInferRequest(model_name="m")
     msg.parameters["priority"].int64_param = 2
     from tritonclient.grpc import service_pb2

@@ -113,7 +113,7 @@ class EngineAdapter:
         if cached is not None:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
                 engine.save(str(tmp))
                 os.replace(tmp, cached)
             except (OSError, EmberError) as e:
