@@ -51,6 +51,8 @@ class ExecutionContext:
         with self._lock:
             if not self.cuda:
                 return self.interp.run(self.engine._check_inputs(feeds))
+            # inputs may have been written on the caller's stream: order our work after it
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 cap = self._get(feeds)
                 if cap.graph is None:
