@@ -407,6 +407,7 @@ def export_onnx(m32: torch.nn.Module, x: torch.Tensor, path: str, in_name: str) 
             torch.onnx.export(m32, (x,), path, dynamo=False, **kwargs)
         except TypeError:  # a torch without the dynamo switch
             torch.onnx.export(m32, (x,), path, **kwargs)
+    m32.eval()  # the TorchScript exporter leaves the module in training mode (dropout on) afterwards
 
 
 def speedup(res: dict[str, Result], metric: str) -> Optional[dict[str, Any]]:
