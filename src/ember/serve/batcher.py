@@ -12,6 +12,7 @@ Everything here runs on the event loop except `_run_batch`, which runs on an ins
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ import numpy as np
 from .config import QueuePolicy
 from .errors import (BadRequestError, InferenceFailedError, ModelNotReadyError, QueueFullError,
                      RequestTimeoutError, ServeError)
+
+log = logging.getLogger("ember.serve")
 
 RunFn = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]  # (instance, inputs) -> outputs
 BatchObserver = Callable[[int, int, int, int], None]  # (batch items, input ns, infer ns, output ns)
@@ -253,18 +256,31 @@ class DynamicBatcher:
 
     async def _schedule(self) -> None:
         while True:
-            if self._queued == 0:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            instance = await self._idle.get()
+            try:
+                await self._schedule_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not strand queued requests: log, keep scheduling
+                log.exception("batcher %s: scheduling failed", self.label)
+                await asyncio.sleep(0.01)
+
+    async def _schedule_once(self) -> None:
+        if self._queued == 0:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            return
+        instance = await self._idle.get()
+        dispatched = False
+        try:
             batch = await self._gather()
-            if not batch:
+            if batch:
+                task = asyncio.get_running_loop().create_task(self._execute(instance, batch))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                dispatched = True
+        finally:
+            if not dispatched:
                 self._idle.put_nowait(instance)
-                continue
-            task = asyncio.get_running_loop().create_task(self._execute(instance, batch))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
     # ---- execution --------------------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class InferenceServer:
         self._uvicorns: list[tuple[_Uvicorn, asyncio.Task]] = []
         self._grpc: Any = None
         self._poll_task: asyncio.Task | None = None
+        self._stopped = False
 
     def _uvicorn(self, app: Any, sock: socket.socket) -> None:
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
@@ -130,8 +131,9 @@ class InferenceServer:
     async def shutdown(self) -> None:
         """Turn unready, stop accepting, finish accepted requests, unload the models."""
         service = self.service
-        if service is None:
+        if service is None or self._stopped:
             return
+        self._stopped = True
         service.shutting_down = True
         if self._poll_task is not None:
             self._poll_task.cancel()
@@ -245,6 +247,7 @@ class ServerThread:
                 await self.server.start()
             except BaseException as e:
                 self._error = e
+                await self.server.shutdown()
                 self._started.set()
                 return
             self._started.set()
