@@ -137,6 +137,19 @@ def test_onnx_model_is_built_once_and_cached(repo_builder, make_server, tmp_path
     assert cached[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
 
 
+def test_onnx_build_options_from_config(repo_builder, make_server, tmp_path):
+    from ember.serve import ServeStartupError
+
+    repo_builder.add("opts", "affine", AFFINE_CONFIG + "build: {opt_level: 0}\n", onnx=True)
+    srv = make_server(repo_builder.root, cache_dir=tmp_path / "c")
+    with httpx.Client(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as c:
+        assert c.post("/v2/models/opts/infer", json=DOC).json()["outputs"][0]["data"] == [1, 3, 5, 7]
+    srv.stop()
+    (repo_builder.root / "opts" / "config.yaml").write_text(AFFINE_CONFIG + "build: {speed: max}\n")
+    with pytest.raises(ServeStartupError, match=r"unknown option\(s\) \['speed'\]"):
+        make_server(repo_builder.root, cache_dir=tmp_path / "c")
+
+
 def test_poll_mode_picks_up_new_versions_and_models(repo_builder, make_server):
     repo_builder.add("m", "affine", AFFINE_CONFIG)
     srv = make_server(repo_builder.root, model_control_mode="poll", poll_interval_s=0.2)

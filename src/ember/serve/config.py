@@ -16,6 +16,7 @@ config.yaml (every key optional; inputs/outputs default to the engine's):
       default_priority_level: 1
     instance_count: 2
     version_policy: {latest: 1}    # or: all, or {specific: [1, 3]}
+    build: {precision: fp16}       # ember.build options, used when a version holds model.onnx
     warmup:
       - {name: w, batch_size: 4, count: 1, inputs: {x: {dtype: float32, shape: [4], data: random}}}
 """
@@ -100,6 +101,7 @@ class ModelConfig:
     warmup: list[Warmup] = field(default_factory=list)
     default_model_filename: str | None = None
     parameters: dict[str, str] = field(default_factory=dict)
+    build: dict[str, Any] = field(default_factory=dict)  # ember.build options for model.onnx (YAML only)
     source: str = ""  # the file this came from, for error messages
 
     def to_triton_json(self, platform: str) -> dict[str, Any]:
@@ -249,7 +251,8 @@ _DB_KEYS = _QP_KEYS | {"preferred_batch_sizes", "preferred_batch_size", "max_que
                        "max_queue_delay_microseconds", "priority_levels", "default_priority_level",
                        "priority_queue_policy", "preserve_ordering"}
 _TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs", "input", "output", "dynamic_batching", "instance_count",
-             "version_policy", "warmup", "model_warmup", "default_model_filename", "parameters", "platform", "backend"}
+             "version_policy", "warmup", "model_warmup", "default_model_filename", "parameters", "platform", "backend",
+             "build"}
 
 
 def _guarded(fn):
@@ -312,6 +315,10 @@ def config_from_yaml(d: dict, name: str, src: str) -> ModelConfig:
     if not isinstance(params, dict):
         raise _fail(src, "parameters must be a mapping of strings")
     cfg.parameters = {str(k): str(v) for k, v in params.items()}
+    build = d.get("build") or {}
+    if not isinstance(build, dict):
+        raise _fail(src, "build must be a mapping of ember.build options, like {precision: fp16}")
+    cfg.build = {str(k): v for k, v in build.items()}
     validate_config(cfg)
     return cfg
 

@@ -8,6 +8,7 @@ instance's worker thread, never on the event loop.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -51,8 +52,9 @@ def find_model_file(version_dir: Path, preferred: str | None) -> Path:
     raise RepositoryError(f"{version_dir}: no model file; put {' or '.join(names)} in the version folder")
 
 
-def _source_digest(version_dir: Path, onnx_file: Path) -> str:
-    """Hash of every file in the version folder (external weights included) and the ember version."""
+def _source_digest(version_dir: Path, onnx_file: Path, options: dict[str, Any]) -> str:
+    """Hash of every file in the version folder (external weights included), the build options and
+    the ember version."""
     from importlib.metadata import PackageNotFoundError, version
 
     h = hashlib.sha256()
@@ -66,6 +68,7 @@ def _source_digest(version_dir: Path, onnx_file: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     h.update(onnx_file.name.encode())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 
@@ -81,8 +84,10 @@ class EngineAdapter:
         self._local = threading.local()
 
     @classmethod
-    def load(cls, version_dir: Path, preferred: str | None, cache_dir: Path | None, label: str) -> "EngineAdapter":
-        """Load the engine of one model version; an ONNX file is built once and cached."""
+    def load(cls, version_dir: Path, preferred: str | None, cache_dir: Path | None, label: str,
+             build_options: dict[str, Any] | None = None) -> "EngineAdapter":
+        """Load the engine of one model version; an ONNX file is built (with `build_options` as
+        ember.build keyword arguments) once and cached."""
         path = find_model_file(version_dir, preferred)
         try:
             import ember
@@ -91,17 +96,19 @@ class EngineAdapter:
         try:
             if path.suffix != ".onnx":
                 return cls(ember.Engine.load(str(path)), path)
-            return cls(cls._build_cached(ember, path, version_dir, cache_dir, label), path)
+            return cls(cls._build_cached(ember, path, version_dir, cache_dir, label, build_options or {}), path)
         except EmberError as e:
             raise RepositoryError(f"{label}: {path}: {e}") from e
         except (OSError, ValueError, RuntimeError) as e:
             raise RepositoryError(f"{label}: failed to load {path}: {type(e).__name__}: {e}") from e
 
     @staticmethod
-    def _build_cached(ember: Any, onnx_path: Path, version_dir: Path, cache_dir: Path | None, label: str) -> Any:
+    def _build_cached(ember: Any, onnx_path: Path, version_dir: Path, cache_dir: Path | None, label: str,
+                      options: dict[str, Any]) -> Any:
         cached = None
         if cache_dir is not None:
-            cached = cache_dir / f"{label.replace('/', '_')}-{_source_digest(version_dir, onnx_path)}.engine"
+            digest = _source_digest(version_dir, onnx_path, options)
+            cached = cache_dir / f"{label.replace('/', '_')}-{digest}.engine"
             if cached.is_file():
                 try:
                     log.info("%s: using cached engine %s", label, cached)
@@ -109,7 +116,7 @@ class EngineAdapter:
                 except EmberError as e:
                     log.warning("%s: cached engine %s is unusable (%s); rebuilding", label, cached, e)
         log.info("%s: building engine from %s", label, onnx_path)
-        engine = ember.build(str(onnx_path))
+        engine = ember.build(str(onnx_path), **options)
         if cached is not None:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)

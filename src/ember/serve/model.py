@@ -131,7 +131,7 @@ class ServedModel:
         try:
             self.adapter = await asyncio.to_thread(EngineAdapter.load, self.version_dir,
                                                    self.config.default_model_filename, self.settings.cache_dir,
-                                                   f"{self.name}/{self.version}")
+                                                   f"{self.name}/{self.version}", self.config.build)
             self.config = resolve_io(self.config, self.adapter)
             if not self.config.default_model_filename:
                 self.config = replace(self.config, default_model_filename=self.adapter.path.name)
