@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EmberError
-from .config import ModelConfig, config_from_pbtxt
+from .config import ModelConfig
 from .errors import BadRequestError, ControlDisabledError, ServeError, ShuttingDownError, UnauthorizedError
 from .metrics import ServerMetrics
 from .model import PLATFORM, ModelSettings, ServedModel
 from .protocol import InferRequest, InferResponse
 from .repository import ModelRepository
+from .triton_config import config_from_pbtxt
 
 log = logging.getLogger("ember.serve")
 

@@ -18,7 +18,7 @@ from .batcher import BatchPolicy, DynamicBatcher
 from .config import ModelConfig, QueuePolicy, TensorConfig, Warmup, WarmupInput
 from .datatypes import KSERVE_TO_NUMPY, element_count
 from .engine import EngineAdapter, EngineIO
-from .errors import (BadRequestError, ModelNotReadyError, RepositoryError, ServeError)
+from .errors import BadRequestError, ModelNotReadyError, RepositoryError, ServeError
 from .protocol import InferRequest, InferResponse, OutputTensor, TensorMeta
 from .stats import ModelStats
 
