@@ -133,3 +133,12 @@ def test_grpc_fuzz_random_tensors_never_internal(stub):
         except grpc.RpcError as e:
             assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (e.code(), e.details())
     assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+
+
+def test_grpc_timeout_parameter_is_deadline_exceeded(stub):
+    req = _req(model="batching", shape=(1, 4))
+    req.raw_input_contents.append(np.zeros((1, 4), np.float32).tobytes())
+    req.parameters["timeout"].int64_param = 1000  # µs; the model waits up to 100 ms to fill a batch
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ModelInfer(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "timed out" in e.value.details()

@@ -251,3 +251,13 @@ def test_concurrency_limit_answers_503_json(make_server, repo_builder):
     assert all("--max-connections" in doc["error"] for code, doc in results if code == 503)
     with httpx.Client(base_url=base) as c:
         assert c.get("/v2/health/live").status_code == 200
+
+
+def test_request_timeout_in_queue_is_504(client):
+    # "batching" waits up to 100 ms to fill a batch; a 1 ms timeout expires in the queue
+    doc = {"parameters": {"timeout": 1000},
+           "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}]}
+    r = client.post("/v2/models/batching/infer", json=doc)
+    assert r.status_code == 504 and "timed out after waiting 1 ms in the queue" in r.json()["error"]
+    doc["parameters"]["timeout"] = 5_000_000
+    assert client.post("/v2/models/batching/infer", json=doc).status_code == 200
