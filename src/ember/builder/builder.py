@@ -59,6 +59,16 @@ def count_kernels(graph: Graph) -> int:
     return count(graph)
 
 
+def reinfer_static(graph: Graph) -> None:
+    """Forget inferred shapes of intermediate values and infer them again (inputs keep theirs)."""
+    inputs = {id(v) for v in graph.inputs}
+    for n in graph.nodes:
+        for o in n.outputs:
+            if id(o) not in inputs:
+                o.shape = None
+    infer_shapes(graph)
+
+
 def optimize(graph: Graph, config: BuilderConfig) -> list[str]:
     """Run the pass pipeline of ``config.opt_level``. Returns the names of passes that changed the graph."""
     from ..passes import run_pipeline
@@ -90,6 +100,11 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     infer_shapes(graph)
     verify(graph, known_ops())
     changed = optimize(graph, config)
+    if config.shapes:
+        # the exporter's unnamed dims (unk__N) hid static sizes from the first round: infer again
+        # from the now-folded graph and optimize once more (shape folding, head-layout absorption)
+        reinfer_static(graph)
+        changed += optimize(graph, config)
     kept_fp32: list[str] = []
     if config.precision in ("fp16", "bf16"):
         kept_fp32 = convert_precision(graph, DType.FLOAT16 if config.precision == "fp16" else DType.BFLOAT16)

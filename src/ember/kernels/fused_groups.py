@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import threading
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -259,7 +260,7 @@ def load_source(source: str) -> Any:
         return mod
     path = cache_dir() / f"ember_fused_{digest}.py"
     if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(source)
         os.replace(tmp, path)  # atomic: concurrent builds never see half a file
     name = f"ember_fused_{digest}"

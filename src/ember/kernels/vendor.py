@@ -60,7 +60,7 @@ def cudnn_conv(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
             z = residual.contiguous(memory_format=torch.channels_last)
             return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, stride, padding, dilation, groups)
     y = F.conv2d(x, w, b, stride, padding, dilation, groups)
-    return epilogue(y, residual, act, attrs.get("act_keys"), attrs.get("act_values"), after)
+    return vendor_epilogue(y, residual, act, attrs.get("act_keys"), attrs.get("act_values"), after)
 
 
 def _is_cuda_linear(node: Node, device: torch.device) -> bool:
@@ -97,7 +97,7 @@ def cublas_linear(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
     y = F.linear(a, w_nk, bias.to(a.dtype) if bias is not None and bias.dim() == 1 else None)
     if bias is not None and bias.dim() != 1:
         y = y + bias.to(y.dtype)
-    return epilogue(y, residual, act, attrs.get("act_keys"), attrs.get("act_values"), after)
+    return vendor_epilogue(y, residual, act, attrs.get("act_keys"), attrs.get("act_values"), after)
 
 
 def bind(node: Node, name: str) -> dict[str, Any]:
@@ -148,3 +148,70 @@ def sdpa_attention(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
     if three_d:
         y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
     return y
+
+
+# -- epilogue activations as single torch kernels (fp16/bf16 in, fp32 math inside) -------------------
+def fast_activation(y: torch.Tensor, act: str, keys: Any, values: Any) -> "torch.Tensor | None":
+    """One-kernel activation for the common cases, or None to use the reference function."""
+    attrs = dict(zip(keys or [], values or []))
+    if act == "Relu":
+        return torch.relu_(y)
+    if act == "Gelu":
+        return F.gelu(y, approximate="tanh" if attrs.get("approximate") == "tanh" else "none")
+    if act == "Sigmoid":
+        return torch.sigmoid_(y)
+    if act == "Tanh":
+        return torch.tanh_(y)
+    if act == "Swish" and attrs.get("alpha", 1.0) == 1.0:
+        return F.silu(y, inplace=True)
+    return None
+
+
+def vendor_epilogue(y: torch.Tensor, residual: Any, act: str, keys: Any, values: Any, after: int) -> torch.Tensor:
+    if act and not (after and residual is not None):
+        fast = fast_activation(y, act, keys, values)
+        if fast is not None:
+            return fast if residual is None else fast.add_(residual.to(fast.dtype))
+    if act and after and residual is not None:
+        y = y.add_(residual.to(y.dtype))
+        fast = fast_activation(y, act, keys, values)
+        if fast is not None:
+            return fast
+        return epilogue(y, None, act, keys, values, 0)
+    return epilogue(y, residual, act, keys, values, after)
+
+
+# -- normalizations: torch's fused kernels (one launch, fp32 statistics) -----------------------------
+def _is_last_axis_norm(node: Node, device: torch.device) -> bool:
+    x = node.inputs[0]
+    if device.type != "cuda" or len(node.outputs) != 1 or x is None or x.rank is None:
+        return False
+    axis = node.attrs.get("axis", -1) % x.rank
+    scale = node.inputs[1]
+    return node.attrs.get("stash_type", 1) == 1 and scale is not None and scale.shape is not None \
+        and len(scale.shape) == x.rank - axis and all(v is None or v.is_const for v in node.inputs[1:])
+
+
+def _norm_params_like_input(node: Node, consts: dict[str, torch.Tensor]) -> dict[int, tuple[str, torch.Tensor]]:
+    """Scale and bias in the input's dtype, as torch's kernels take them."""
+    dt = node.inputs[0].dtype
+    from ..ops.torch_types import to_torch
+
+    out = {}
+    for i, v in enumerate(node.inputs[1:], start=1):
+        if v is not None and v.name in consts and dt is not None:
+            out[i] = (f"{v.name}@{dt.value}", consts[v.name].to(to_torch(dt)))
+    return out
+
+
+@tactic("torch.layer_norm", ("LayerNormalization",), _is_last_axis_norm, prepare=_norm_params_like_input)
+def torch_layer_norm(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
+    x, scale = args[0], args[1]
+    b = args[2] if len(args) > 2 else None
+    return F.layer_norm(x, tuple(scale.shape), scale, b, attrs.get("epsilon", 1e-5))
+
+
+@tactic("torch.rms_norm", ("RMSNormalization",), _is_last_axis_norm, prepare=_norm_params_like_input)
+def torch_rms_norm(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
+    x, scale = args[0], args[1]
+    return F.rms_norm(x, tuple(scale.shape), scale, attrs.get("epsilon", 1e-5))

@@ -42,8 +42,8 @@ def _attention_bias(q_len: int, kv_len: int, dtype: torch.dtype, device: torch.d
                     left_window: int, right_window: int,
                     nonpad_kv_seqlen: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The additive bias (broadcastable to (B, H, q, kv)) that all masks compose to; None if no mask."""
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
-    zero = torch.tensor(0.0, dtype=dtype, device=device)
+    neg_inf = torch.full((), float("-inf"), dtype=dtype, device=device)  # a fill kernel: CUDA-graph safe
+    zero = torch.zeros((), dtype=dtype, device=device)
     bias: Optional[torch.Tensor] = None
     if attn_mask is not None:
         pad = kv_len - attn_mask.shape[-1]

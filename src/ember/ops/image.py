@@ -185,7 +185,7 @@ def _resize_axis(y: torch.Tensor, d: int, in_len: int, out_len: int, scale: floa
             res = term if res is None else res + term
     if extrap is not None and extrap.any():
         mask = torch.as_tensor(extrap, device=y.device).reshape(view)
-        res = torch.where(mask, torch.tensor(extrapolation_value, dtype=res.dtype, device=y.device), res)
+        res = res.masked_fill(mask, extrapolation_value)
     return res
 
 

@@ -91,10 +91,11 @@ def gather_nd(data, indices, *, batch_dims: int = 0):
         n_batch *= d
     flat_data = data.reshape((n_batch,) + tuple(data.shape[b:]))
     idx = indices.to(torch.int64).reshape(n_batch, -1, k)
-    dims = torch.tensor(data.shape[b:b + k], dtype=torch.int64, device=data.device)
-    idx = torch.where(idx < 0, idx + dims, idx)
+    # negative indices wrap, column by column with Python ints (no host->device copy: capturable)
+    cols = tuple(torch.where(idx[..., j] < 0, idx[..., j] + int(d), idx[..., j])
+                 for j, d in enumerate(data.shape[b:b + k]))
     batch_ids = torch.arange(n_batch, device=data.device).unsqueeze(1)
-    picked = flat_data[(batch_ids,) + tuple(idx[..., j] for j in range(k))]
+    picked = flat_data[(batch_ids,) + cols]
     return picked.reshape(batch_shape + tuple(indices.shape[b:-1]) + tuple(data.shape[b + k:]))
 
 
@@ -128,12 +129,14 @@ def scatter_nd(data, indices, updates, *, reduction: str = "none"):
     lead = tuple(data.shape[:k])
     rest = tuple(data.shape[k:])
     idx = indices.to(torch.int64).reshape(-1, k)
-    dims = torch.tensor(lead, dtype=torch.int64, device=data.device)
-    idx = torch.where(idx < 0, idx + dims, idx)
     strides = [1] * k
     for j in range(k - 2, -1, -1):
         strides[j] = strides[j + 1] * lead[j + 1]
-    linear = (idx * torch.tensor(strides, dtype=torch.int64, device=data.device)).sum(-1)
+    # wrap negative indices and linearize with Python ints (no host->device copy: capturable)
+    linear = torch.zeros(idx.shape[0], dtype=torch.int64, device=data.device)
+    for j in range(k):
+        col = idx[:, j]
+        linear = linear + torch.where(col < 0, col + lead[j], col) * strides[j]
     n_lead = 1
     for d in lead:
         n_lead *= d

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,7 @@ def write_engine(path: "str | os.PathLike", graph: Graph, manifest: dict[str, An
     manifest.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                      "checksums": {GRAPH: _sha256(graph_bytes), WEIGHTS: _sha256(weights_bytes)}})
     path = os.fspath(path)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # concurrent saves must not share it
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
         z.writestr(MANIFEST, json.dumps(manifest, indent=2))
         z.writestr(GRAPH, graph_bytes)
