@@ -120,7 +120,9 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
     seen_args: dict[str, list] = {}
 
     def on_step(step: Any, args: list) -> None:
-        if step.node.name in tunable and step.node.name not in seen_args:
+        # a fused step's arguments are its group's inputs, not the sink node's: nodes of a fused
+        # group run inside the generated kernel, so there is no tactic of theirs to time
+        if step.kernel is None and step.node.name in tunable and step.node.name not in seen_args:
             seen_args[step.node.name] = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
     interp.on_step = on_step

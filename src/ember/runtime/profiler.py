@@ -125,6 +125,17 @@ def _interpreter(engine: Any) -> Any:
     return interp
 
 
+def _op_label(step: Any) -> str:
+    return f"fused group ({step.fused} ops → {step.node.op})" if getattr(step, "kernel", None) is not None \
+        else step.node.op
+
+
+def _step_tactic(interp: Any, step: Any) -> str:
+    if getattr(step, "kernel", None) is not None:
+        return "triton.fused_group"
+    return _tactic(interp, step.node)
+
+
 def _tactic(interp: Any, node: Any) -> str:
     tactic = str(node.meta.get("tactic", "reference"))
     if tactic != "reference" and hasattr(interp, "bound") and node.name not in interp.bound:
@@ -202,7 +213,7 @@ def profile_layers(engine: Any, feeds: Mapping[str, Any], runs: int = 10, warmup
             for i in range(len(steps)):
                 per_step[i].append(_elapsed_ms(marks[i], marks[i + 1], is_cuda))
             run_times.append(_elapsed_ms(marks[0], marks[-1], is_cuda))
-    layers = [LayerTime(i, s.node.name or f"#{i}", s.node.op, _tactic(interp, s.node),
+    layers = [LayerTime(i, s.node.name or f"#{i}", _op_label(s), _step_tactic(interp, s),
                         statistics.median(per_step[i]) if per_step[i] else 0.0)
               for i, s in enumerate(steps)]
     total = sum(layer.ms for layer in layers)
