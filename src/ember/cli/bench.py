@@ -56,9 +56,9 @@ def bench_cmd(model: str, warmup_ms: float, duration_s: float, min_iterations: i
     """Measure throughput and latency of an engine (or an ONNX model, built in memory)."""
     console = Console()
     t0 = time.perf_counter()
-    engine = _load(model, device, precision, opt_level)
-    load_s = time.perf_counter() - t0
     shape_map = parse_shapes(shapes)
+    engine = _load(model, device, precision, opt_level, shape_map)
+    load_s = time.perf_counter() - t0
     samples_per_inference = None
     if batch is not None:
         shape_map, samples_per_inference = batch_shapes(engine, batch, shape_map)
@@ -90,7 +90,8 @@ def bench_cmd(model: str, warmup_ms: float, duration_s: float, min_iterations: i
         console.print(f"wrote {export_json}")
 
 
-def _load(model: str, device: str, precision: Optional[str], opt_level: Optional[int]):
+def _load(model: str, device: str, precision: Optional[str], opt_level: Optional[int],
+          shapes: "dict[str, tuple[int, ...]] | None" = None):
     from .common import _is_engine
     from ..runtime.format import MANIFEST
 
@@ -101,7 +102,8 @@ def _load(model: str, device: str, precision: Optional[str], opt_level: Optional
         return load_engine_or_model(model, device=device)
     import ember
 
-    kwargs: dict[str, Any] = {"device": device, "precision": precision or "fp32"}
+    # an ONNX model benched at given shapes is built for them, as trtexec --shapes does
+    kwargs: dict[str, Any] = {"device": device, "precision": precision or "fp32", "shapes": dict(shapes or {})}
     if opt_level is not None:
         kwargs["opt_level"] = opt_level
     return ember.build(model, **kwargs)
