@@ -102,7 +102,7 @@ def _vit() -> torch.nn.Module:
     return Logits(ViTModel(ViTConfig(), add_pooling_layer=False), "pixel_values", "last_hidden_state")
 
 
-def _mobilenetv2() -> torch.nn.Module:
+def _mobilenetv2_raw() -> torch.nn.Module:
     try:
         import torchvision
 
@@ -112,6 +112,30 @@ def _mobilenetv2() -> torch.nn.Module:
 
         return Logits(MobileNetV2ForImageClassification(MobileNetV2Config(num_labels=1000, tf_padding=False)),
                       "pixel_values", "logits")
+
+
+def _mobilenetv2() -> torch.nn.Module:
+    """MobileNetV2 with unit-scale random weights: the default init gives logits near 1e-26, which
+    underflow in fp16 and make every candidate 'wrong' against the fp32 reference."""
+    return _unit_scale(_mobilenetv2_raw())
+
+
+def _unit_scale(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() >= 2:  # variance preserving through depth
+                p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
+            elif name.endswith("weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+    return model
 
 
 def _gpt2() -> torch.nn.Module:

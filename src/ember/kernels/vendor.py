@@ -88,15 +88,19 @@ def cublas_linear(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
         a = a * alpha
     act = attrs.get("activation", "")
     after = attrs.get("act_after_residual", 0)
-    if act == "Relu" and not (after and residual is not None) and bias is not None and bias.dim() == 1 \
-            and a.dim() >= 2 and a.is_contiguous():
-        # cuBLASLt bias+ReLU epilogue, one kernel; leading dims folded into M
-        a2 = a.reshape(-1, a.shape[-1])
-        y = torch._addmm_activation(bias.to(a.dtype), a2, w_nk.t(), use_gelu=False).view(*a.shape[:-1], -1)
-        return y if residual is None else y.add_(residual.to(y.dtype))
-    y = F.linear(a, w_nk, bias.to(a.dtype) if bias is not None and bias.dim() == 1 else None)
-    if bias is not None and bias.dim() != 1:
-        y = y + bias.to(y.dtype)
+    lead, n = a.shape[:-1], w_nk.shape[0]
+    a2 = a.reshape(-1, a.shape[-1])  # leading dims folded into M: one 2-D GEMM
+    if bias is not None and bias.dim() == 1:
+        bias = bias.to(a.dtype)
+        if act == "Relu" and not (after and residual is not None):
+            # cuBLASLt bias+ReLU epilogue: one kernel
+            y = torch._addmm_activation(bias, a2, w_nk.t(), use_gelu=False).view(*lead, n)
+            return y if residual is None else y.add_(residual.to(y.dtype))
+        y = torch.addmm(bias, a2, w_nk.t()).view(*lead, n)  # cuBLASLt bias epilogue
+    else:
+        y = torch.mm(a2, w_nk.t()).view(*lead, n)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
     return vendor_epilogue(y, residual, act, attrs.get("act_keys"), attrs.get("act_values"), after)
 
 
@@ -107,33 +111,43 @@ def bind(node: Node, name: str) -> dict[str, Any]:
     return {}
 
 
-def _is_sdpa_attention(node: Node, device: torch.device) -> bool:
-    """Attention that torch's fused SDPA kernels (flash / memory-efficient / cuDNN) compute exactly."""
+def _sdpa_static_ok(node: Node) -> bool:
+    """What can be decided from attributes alone: no KV cache, no debug output, no softcap/windows."""
     a = node.attrs
     ins = node.inputs + [None] * (7 - len(node.inputs))
-    q, k = ins[0], ins[1]
-    if device.type != "cuda" or len(node.outputs) != 1 or any(ins[i] is not None for i in (4, 5, 6)):
+    if len(node.outputs) != 1 or any(ins[i] is not None for i in (4, 5, 6)):
         return False
-    if a.get("qk_matmul_output_mode", 0) or a.get("softcap", 0.0) or a.get("left_window_size", -1) != -1 \
-            or a.get("right_window_size", -1) != -1:
+    return not (a.get("qk_matmul_output_mode", 0) or a.get("softcap", 0.0) or a.get("left_window_size", -1) != -1
+                or a.get("right_window_size", -1) != -1)
+
+
+def _is_sdpa_attention(node: Node, device: torch.device) -> bool:
+    """Attention that torch's fused SDPA kernels (flash / memory-efficient / cuDNN) compute exactly.
+    Shapes the graph does not know statically are checked at run time (reference otherwise)."""
+    return device.type == "cuda" and _sdpa_static_ok(node)
+
+
+def _sdpa_runtime_ok(q: torch.Tensor, k: torch.Tensor, mask: Any, attrs: dict) -> bool:
+    if q.dim() not in (3, 4) or k.dim() != q.dim():
         return False
-    if q is None or k is None or q.shape is None or k.shape is None or len(q.shape) not in (3, 4):
+    if q.dim() == 3 and not (attrs.get("q_num_heads") and attrs.get("kv_num_heads")):
         return False
-    if len(q.shape) == 3 and not (a.get("q_num_heads") and a.get("kv_num_heads")):
+    kv_len = k.shape[-2] if q.dim() == 4 else k.shape[1]
+    q_len = q.shape[-2] if q.dim() == 4 else q.shape[1]
+    causal = attrs.get("is_causal", 0)
+    if mask is not None and (causal or mask.dim() == 0 or mask.shape[-1] != kv_len):
         return False
-    mask = ins[3]
-    if mask is not None:
-        if a.get("is_causal", 0) or mask.shape is None or not mask.shape or mask.shape[-1] != k.shape[-2]:
-            return False
-    if a.get("is_causal", 0) and q.shape[-2] != k.shape[-2]:
-        return False  # ONNX aligns the causal frontier differently from SDPA when lengths differ
-    return True
+    return not (causal and q_len != kv_len)  # ONNX aligns the causal frontier differently then
 
 
 @tactic("sdpa", ("Attention",), _is_sdpa_attention)
-def sdpa_attention(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
+def sdpa_attention(args: list, attrs: dict, ctx: Any) -> Any:
     q, k, v = args[0], args[1], args[2]
     mask = args[3] if len(args) > 3 else None
+    if not _sdpa_runtime_ok(q, k, mask, attrs):
+        from ..ops import get
+
+        return get("Attention").fn(*args, **{n: attrs[n] for n in attrs if n in get("Attention").attrs})[0]
     three_d = q.dim() == 3
     if three_d:
         b, sq, _ = q.shape
