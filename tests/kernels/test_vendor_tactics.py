@@ -61,3 +61,15 @@ def test_sdpa_falls_back_to_reference_when_shapes_do_not_fit():
     ref = get("Attention").fn(q, k, v, is_causal=1)[0]
     got = sdpa_attention([q, k, v], {"is_causal": 1}, None)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_gelu_epilogue_is_close_to_exact_gelu():
+    """fp16/bf16 engines fold GELU into the GEMM epilogue (tanh form): within storage precision."""
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    w = (torch.randn(32, 16, generator=g) / 6).to(torch.bfloat16)
+    bias = torch.randn(16, generator=g).to(torch.bfloat16)
+    attrs = {"activation": "Gelu"}
+    exact = get("ember.Gemm").fn(a.float(), w.float(), bias.float(), **attrs)
+    got = cublas_linear([a, w.t().contiguous(), bias], attrs, None).float()
+    assert float((got - exact).norm() / exact.norm()) < 1e-2

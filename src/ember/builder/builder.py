@@ -131,6 +131,11 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         "profiles": [{k: [list(d) for d in v] for k, v in p.items()} for p in profiles],
         "static_shapes": {k: list(v) for k, v in config.shapes.items()},
         "tactics": tune.choices if tune else {},
+        # numerics that differ from the model's ops beyond storage rounding, said out loud
+        "approximations": ([f"{n.name}: erf-GELU computed in the tanh form inside the cuBLASLt epilogue"
+                            for n in graph.nodes if n.op == "ember.Gemm" and n.attrs.get("activation") == "Gelu"
+                            and n.meta.get("tactic") == "cublaslt.linear"]
+                           if config.precision in ("fp16", "bf16") else []),
         "fp32_layers": kept_fp32,
         "nodes_in": nodes_in,
         "nodes_out": count_kernels(graph),  # a fusion group counts once
