@@ -100,11 +100,14 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     infer_shapes(graph)
     verify(graph, known_ops())
     changed = optimize(graph, config)
-    if config.shapes:
-        # the exporter's unnamed dims (unk__N) hid static sizes from the first round: infer again
-        # from the now-folded graph and optimize once more (shape folding, head-layout absorption)
+    for _ in range(4 if config.shapes else 0):
+        # the exporter's unnamed dims (unk__N) hid static sizes: infer again from the folded graph
+        # and optimize again (each round folds the shape arithmetic the last one made static)
         reinfer_static(graph)
-        changed += optimize(graph, config)
+        more = optimize(graph, config)
+        changed += more
+        if not any(p != "group_fusions" for p in more):
+            break
     kept_fp32: list[str] = []
     if config.precision in ("fp16", "bf16"):
         kept_fp32 = convert_precision(graph, DType.FLOAT16 if config.precision == "fp16" else DType.BFLOAT16)

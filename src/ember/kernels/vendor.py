@@ -90,6 +90,8 @@ def cublas_linear(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
     after = attrs.get("act_after_residual", 0)
     lead, n = a.shape[:-1], w_nk.shape[0]
     a2 = a.reshape(-1, a.shape[-1])  # leading dims folded into M: one 2-D GEMM
+    if bias is None and act in ("Relu", "Gelu") and not (after and residual is not None):
+        bias = _zeros(n, a.dtype, a.device)  # the fused bias+activation epilogue needs a bias
     if bias is not None and bias.dim() == 1:
         bias = bias.to(a.dtype)
         gelu_ok = act == "Gelu" and a.dtype in (torch.float16, torch.bfloat16)
@@ -105,6 +107,18 @@ def cublas_linear(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
         if bias is not None:
             y = y + bias.to(y.dtype)
     return vendor_epilogue(y, residual, act, attrs.get("act_keys"), attrs.get("act_values"), after)
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached zero bias (made during warm-up, so never inside a CUDA-graph capture)."""
+    key = (n, dtype, device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros(n, dtype=dtype, device=device)
+    return z
 
 
 def bind(node: Node, name: str) -> dict[str, Any]:
