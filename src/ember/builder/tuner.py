@@ -28,14 +28,18 @@ def default_cache_path() -> str:
 
 
 def device_key(device: torch.device) -> str:
-    import triton
+    try:
+        import triton
 
+        triton_version = triton.__version__
+    except ImportError:  # CPU-only machines without triton: no generated kernels to key on
+        triton_version = "none"
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         dev = f"{p.name}|sm{p.major}{p.minor}"
     else:
         dev = "cpu"
-    return f"{dev}|torch{torch.__version__}|triton{triton.__version__}"
+    return f"{dev}|torch{torch.__version__}|triton{triton_version}"
 
 
 def node_signature(node: Node, args: list) -> str:
