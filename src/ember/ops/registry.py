@@ -146,14 +146,9 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    import importlib
-    import pkgutil
-
     from .. import ops as pkg
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("registry", "torch_types", "infer", "host_inputs"):
-            _import_module(f"{pkg.__name__}.{mod.name}")
+    import_submodules(pkg, skip=("registry", "torch_types", "infer", "host_inputs"))
     for n, rule in _PENDING_RULES.items():
         if n in REGISTRY:
             REGISTRY[n].shape_rule = rule
@@ -163,13 +158,19 @@ def _load_all() -> None:
         d.host_inputs = host_input_positions(d.name, d.input_names)
 
 
-def _import_module(name: str) -> None:
-    """Import one module of definitions; a broken one is reported loudly and the rest still load."""
+def import_submodules(pkg, skip: tuple[str, ...] = ()) -> None:
+    """Import every module of a package of definitions (ops, converters). A module that fails to
+    import is reported loudly and the others still load."""
     import importlib
+    import pkgutil
     import warnings
 
-    try:
-        importlib.import_module(name)
-    except Exception as e:  # keep the other modules usable; the warning names what is missing
-        warnings.warn(f"{name} failed to import ({type(e).__name__}: {e}); its definitions are unavailable",
-                      RuntimeWarning, stacklevel=2)
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name in skip:
+            continue
+        name = f"{pkg.__name__}.{mod.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # keep the other modules usable; the warning names what is missing
+            warnings.warn(f"{name} failed to import ({type(e).__name__}: {e}); its definitions are unavailable",
+                          RuntimeWarning, stacklevel=2)

@@ -45,22 +45,7 @@ def _load_all() -> None:
     if _loaded:
         return
     _loaded = True
-    import importlib
-    import pkgutil
-
+    from ...ops.registry import import_submodules
     from . import converters as pkg
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        _import_module(f"{pkg.__name__}.{mod.name}")
-
-
-def _import_module(name: str) -> None:
-    """Import one module of definitions; a broken one is reported loudly and the rest still load."""
-    import importlib
-    import warnings
-
-    try:
-        importlib.import_module(name)
-    except Exception as e:  # keep the other modules usable; the warning names what is missing
-        warnings.warn(f"{name} failed to import ({type(e).__name__}: {e}); its definitions are unavailable",
-                      RuntimeWarning, stacklevel=2)
+    import_submodules(pkg)
