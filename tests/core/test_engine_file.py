@@ -93,3 +93,23 @@ def test_missing_member(engine_path, tmp_path):
                 zo.writestr(item, zi.read(item))
     with pytest.raises(EngineFileError, match="has no graph.json"):
         ember.Engine.load(p)
+
+
+def test_engine_from_another_gpu_is_refused():
+    from ember.runtime.engine import check_same_gpu
+
+    manifest = {"device": "cuda", "build_host": {"gpu": {"name": "NVIDIA H200", "capability": "9.0"}}}
+    check_same_gpu(manifest, "NVIDIA H200", "9.0", "m.engine")  # same GPU: fine
+    with pytest.raises(EngineFileError, match="built and tuned on NVIDIA H200 .*this GPU is NVIDIA A100"):
+        check_same_gpu(manifest, "NVIDIA A100-SXM4-80GB", "8.0", "m.engine")
+    check_same_gpu({"device": "cpu"}, "NVIDIA A100", "8.0", "m.engine")  # CPU engines run anywhere
+
+
+def test_memory_plan_and_workspace(tmp_path):
+    from ember.errors import EmberError
+
+    eng = ember.build(save(add_mul_model(), tmp_path / "m.onnx"), device="cpu")
+    mem = eng.manifest["memory"]
+    assert 0 < mem["activations_peak_mib"] <= mem["activations_naive_mib"]
+    with pytest.raises(EmberError, match="--workspace allows"):
+        ember.build(save(add_mul_model(), tmp_path / "m2.onnx"), device="cpu", workspace=1e-9)

@@ -20,6 +20,8 @@ from ..ir.verify import verify
 from ..ops import known_ops
 from ..ops.infer import infer_shapes
 from ..runtime.engine import Engine, host_info, resolve_device
+from ..runtime.interpreter import Interpreter
+from .memory import check_workspace, plan_memory
 from .precision import convert_precision
 from .profiles import bind_static_shapes, check_profiles, opt_feeds
 from .tuner import TimingCache, default_cache_path, select_tactics
@@ -40,6 +42,7 @@ class BuilderConfig:
     # dynamic-shape profiles: [{"x": (min, opt, max)}, ...]; tactics are tuned at opt
     profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]] = field(default_factory=list)
     builder_level: int = 2  # 0: no timing ... 5: most repetitions
+    workspace: Optional[float] = None  # MiB of activation memory the engine may plan for (None: no limit)
     timing_cache: Optional[str] = "default"  # path, "default" (~/.cache/ember), or None
     progress: Optional[Callable[[str], None]] = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -119,6 +122,9 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         tune = select_tactics(graph, device, opt_feeds(graph, profiles, device), config.builder_level, cache,
                               config.progress)
         cache.save()
+    memory = plan_memory(graph, Interpreter(graph, "cpu", fuse_groups=False).specialization(
+        opt_feeds(graph, profiles, torch.device("cpu"))))
+    check_workspace(memory, config.workspace)
     report = BuildReport(nodes_in, count_kernels(graph), time.perf_counter() - t0, changed)
     manifest = {
         "ember_version": __version__,
@@ -132,6 +138,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         "opt_level": config.opt_level,
         "build_host": host_info(),
         "profiles": [{k: [list(d) for d in v] for k, v in p.items()} for p in profiles],
+        "memory": memory,
         "static_shapes": {k: list(v) for k, v in config.shapes.items()},
         "tactics": tune.choices if tune else {},
         # numerics that differ from the model's ops beyond storage rounding, said out loud

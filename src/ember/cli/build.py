@@ -42,11 +42,14 @@ def _profiles(mins: tuple[str, ...], opts: tuple[str, ...], maxs: tuple[str, ...
               help="Tuning depth: 0 takes the first vendor kernel, 5 times every candidate longest.")
 @click.option("--timing-cache", default="default", show_default=True,
               help="Timing cache file; 'none' to time everything afresh.")
+@click.option("--workspace", type=float, default=None, metavar="MIB",
+              help="Refuse to build if the planned activation memory at the opt shapes exceeds this.")
 @click.option("--debug", is_flag=True, help="Verify the graph after every optimization pass.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the optimized graph.")
 def build_cmd(model: str, output: "str | None", device: str, precision: str, shapes: tuple[str, ...],
               min_shapes: tuple[str, ...], opt_shapes: tuple[str, ...], max_shapes: tuple[str, ...],
-              opt_level: int, builder_level: int, timing_cache: str, debug: bool, verbose: bool) -> None:
+              opt_level: int, builder_level: int, timing_cache: str, workspace: "float | None", debug: bool,
+              verbose: bool) -> None:
     """Build an engine from an ONNX MODEL."""
     import ember
 
@@ -57,6 +60,7 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
             model, device=device, opt_level=opt_level, debug=debug, precision=precision,
             shapes=parse_shapes(shapes), profiles=_profiles(min_shapes, opt_shapes, max_shapes),
             builder_level=builder_level, timing_cache=None if timing_cache == "none" else timing_cache,
+            workspace=workspace,
             progress=lambda msg: status.update(msg))
     out = output or os.path.splitext(model)[0] + ".engine"
     size = engine.save(out)
@@ -67,6 +71,11 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
     console.print(f"[bold green]built[/] {out}  ({size / 1e6:.2f} MB, {dt:.2f} s)")
     console.print(f"  nodes: {m.get('nodes_in')} in the ONNX graph -> {m.get('nodes_out')} in the engine; "
                   f"device {m.get('device')}, precision {m.get('precision')}, opt level {opt_level}", markup=False)
+    mem = m.get("memory") or {}
+    if mem:
+        console.print(f"  activation memory at opt shapes: {mem['activations_peak_mib']:.2f} MiB planned with reuse "
+                      f"(one buffer per value: {mem['activations_naive_mib']:.2f} MiB); weights "
+                      f"{mem['weights_mib']:.2f} MiB", markup=False)
     if m.get("tactics"):
         console.print("  tactics: " + ", ".join(f"{k} ×{v}" for k, v in sorted(m["tactics"].items())), markup=False)
     if m.get("fp32_layers"):

@@ -75,13 +75,20 @@ class Engine:
 
     # -- files ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: "str | os.PathLike", device: "str | torch.device | None" = None) -> "Engine":
+    def load(cls, path: "str | os.PathLike", device: "str | torch.device | None" = None,
+             allow_other_gpu: bool = False) -> "Engine":
+        """Load an engine file. An engine tuned on one GPU model refuses to load on another unless
+        ``allow_other_gpu`` (it then runs correctly with tactics chosen for the other GPU)."""
         f = read_engine(path)
         backend = f.manifest.get("backend", "reference")
         if backend != "reference":
             raise EngineFileError(f"engine '{os.fspath(path)}' needs backend '{backend}', which this ember "
                                   "does not have; rebuild it for this machine")
-        return cls(f.graph, f.manifest, device=device, weights=f.weights)
+        dev = resolve_device(device)
+        if dev.type == "cuda" and not allow_other_gpu:
+            p = torch.cuda.get_device_properties(dev)
+            check_same_gpu(f.manifest, p.name, f"{p.major}.{p.minor}", os.fspath(path))
+        return cls(f.graph, f.manifest, device=dev, weights=f.weights)
 
     def save(self, path: "str | os.PathLike") -> int:
         manifest = dict(self.manifest)
@@ -191,6 +198,18 @@ def _np_dtype(dt: np.dtype, name: str) -> DType:
         return from_numpy(dt)
     except ValueError:
         raise InputError(f"input '{name}' has dtype {dt}, which ember does not run") from None
+
+
+def check_same_gpu(manifest: dict[str, Any], name: str, capability: str, path: str) -> None:
+    """Tactics and kernels are chosen per GPU: a CUDA engine from another GPU model is refused."""
+    built = (manifest.get("build_host") or {}).get("gpu")
+    if manifest.get("device") != "cuda" or not built:
+        return
+    if (built.get("name"), built.get("capability")) != (name, capability):
+        raise EngineFileError(
+            f"engine '{path}' was built and tuned on {built.get('name')} (sm {built.get('capability')}); this GPU "
+            f"is {name} (sm {capability}). Rebuild it here with `ember build`, or load it with "
+            "Engine.load(path, allow_other_gpu=True) to run it with the other GPU's tactics.")
 
 
 def host_info() -> dict[str, Any]:

@@ -5,6 +5,7 @@ its last use so peak memory tracks the live set, not the whole graph.
 """
 from __future__ import annotations
 
+import threading
 from collections import ChainMap, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -94,6 +95,7 @@ class Interpreter:
             self.group_kernels = lower_groups(graph, self.groups_skipped)
         self.specializations: "OrderedDict[tuple, Specialization]" = OrderedDict()
         self.max_specializations = 64
+        self._spec_lock = threading.Lock()
 
     def _plan(self, g: Graph) -> _Plan:
         p = self._plans.get(id(g))
@@ -110,16 +112,17 @@ class Interpreter:
     def specialization(self, feeds: dict[str, Any]) -> Specialization:
         """The plan of this input signature: shape arithmetic done once on the host, then cached."""
         sig = signature_of(self.graph, feeds)
-        spec = self.specializations.get(sig)
-        if spec is None:
-            spec = specialize(self.graph, feeds, self.small_consts, self.device)
-            if self.group_kernels:
-                fuse_steps(self.graph, spec, self.group_kernels)
-            self.specializations[sig] = spec
-            if len(self.specializations) > self.max_specializations:
-                self.specializations.popitem(last=False)
-        else:
-            self.specializations.move_to_end(sig)
+        with self._spec_lock:  # contexts of one engine share this cache across threads
+            spec = self.specializations.get(sig)
+            if spec is None:
+                spec = specialize(self.graph, feeds, self.small_consts, self.device)
+                if self.group_kernels:
+                    fuse_steps(self.graph, spec, self.group_kernels)
+                self.specializations[sig] = spec
+                if len(self.specializations) > self.max_specializations:
+                    self.specializations.popitem(last=False)
+            else:
+                self.specializations.move_to_end(sig)
         return spec
 
     def run_graph(self, g: Graph, inputs: list, outer: "dict[str, Any] | None") -> list:
