@@ -20,8 +20,7 @@ from ..ir.verify import verify
 from ..ops import known_ops
 from ..ops.infer import infer_shapes
 from ..runtime.engine import Engine, host_info, resolve_device
-from ..runtime.interpreter import Interpreter
-from .memory import check_workspace, plan_memory
+from .memory import check_workspace, plan_memory, plan_specialization
 from .precision import convert_precision
 from .profiles import bind_static_shapes, check_profiles, opt_feeds
 from .tuner import TimingCache, default_cache_path, select_tactics
@@ -122,8 +121,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         tune = select_tactics(graph, device, opt_feeds(graph, profiles, device), config.builder_level, cache,
                               config.progress)
         cache.save()
-    memory = plan_memory(graph, Interpreter(graph, "cpu", fuse_groups=False).specialization(
-        opt_feeds(graph, profiles, torch.device("cpu"))))
+    memory = plan_memory(graph, plan_specialization(graph, opt_feeds(graph, profiles, torch.device("cpu"))))
     check_workspace(memory, config.workspace)
     report = BuildReport(nodes_in, count_kernels(graph), time.perf_counter() - t0, changed)
     manifest = {

@@ -48,6 +48,15 @@ def plan_memory(graph: Graph, spec: Any) -> dict[str, float]:
     return {"activations_peak_mib": peak / mib, "activations_naive_mib": naive / mib, "weights_mib": weights / mib}
 
 
+def plan_specialization(graph: Graph, feeds: dict[str, torch.Tensor]) -> Any:
+    """The steps and value shapes of a run at these inputs, without loading the weights."""
+    from ..ops.torch_types import tensor_from_numpy
+    from ..runtime.specialize import HOST_LIMIT, specialize
+
+    small = {k: tensor_from_numpy(v.data) for k, v in graph.initializers.items() if v.data.size <= HOST_LIMIT}
+    return specialize(graph, feeds, small, torch.device("cpu"))
+
+
 def check_workspace(plan: dict[str, float], workspace_mib: "float | None") -> None:
     if workspace_mib is not None and plan["activations_peak_mib"] > workspace_mib:
         raise EmberError(
