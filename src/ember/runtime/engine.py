@@ -69,9 +69,6 @@ class Engine:
             tf32 = bool(self.manifest.get("allow_tf32", False))
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
-            # cuDNN times its algorithms once per new shape (during warm-up, before graph capture)
-            if any(n.meta.get("tactic", "").startswith("cudnn.") for n in graph.nodes):
-                torch.backends.cudnn.benchmark = True
 
     # -- files ----------------------------------------------------------------------------------
     @classmethod
