@@ -6,7 +6,6 @@ unpickles or executes anything from the file.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import threading
@@ -14,7 +13,6 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save

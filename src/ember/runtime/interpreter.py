@@ -7,54 +7,24 @@ from __future__ import annotations
 
 import threading
 from collections import ChainMap, OrderedDict
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from ..errors import EmberError, NodeExecutionError
-from ..ir.graph import Graph, Node
+from ..ir.graph import Graph
 from ..kernels import BoundTactic, bind_tactic
-from ..ops import OpContext, OpDef, get
+from ..ops import OpContext, get
 from ..ops.torch_types import tensor_from_numpy
-from .specialize import HOST_LIMIT, Specialization, fuse_steps, signature_of, specialize
+from .specialize import HOST_LIMIT, Specialization, Step, assign_frees, fuse_steps, signature_of, specialize
 
 
-@dataclass
-class _Step:
-    node: Node
-    opdef: OpDef
-    inputs: list[Optional[str]]
-    outputs: list[str]
-    attrs: dict[str, Any]
-    free_after: list[str]  # values whose last use is this step
-    kernel: Any = None  # (subgraph steps are never fused)
-
-
-class _Plan:
-    """The order of steps of one graph and when each value dies."""
-
-    def __init__(self, graph: Graph):
-        self.graph = graph
-        keep = {v.name for v in graph.outputs}
-        last_use: dict[str, int] = {}
-        for i, n in enumerate(graph.nodes):
-            for v in n.inputs:
-                if v is not None:
-                    last_use[v.name] = i
-            for sg in n.subgraphs():
-                for v in sg.captured_values():
-                    last_use[v.name] = i
-        frees: dict[int, list[str]] = {}
-        local = {v.name for v in graph.inputs} | {o.name for n in graph.nodes for o in n.outputs}
-        for name, i in last_use.items():
-            if name not in keep and name in local:
-                frees.setdefault(i, []).append(name)
-        self.steps = [
-            _Step(n, get(n.op), [v.name if v is not None else None for v in n.inputs],
-                  [o.name for o in n.outputs], n.attrs, frees.get(i, []))
-            for i, n in enumerate(graph.nodes)
-        ]
+def _plan_steps(graph: Graph) -> list[Step]:
+    """Every node of a (sub)graph as a step, each value freed after its last use."""
+    steps = [Step(n, get(n.op), [v.name if v is not None else None for v in n.inputs], [o.name for o in n.outputs])
+             for n in graph.nodes]
+    assign_frees(graph, steps)
+    return steps
 
 
 class Interpreter:
@@ -64,7 +34,7 @@ class Interpreter:
                  weights: "dict[str, torch.Tensor] | None" = None, fuse_groups: "bool | str" = True):
         self.graph = graph
         self.device = torch.device(device)
-        self._plans: dict[int, _Plan] = {}
+        self._plans: dict[int, list[Step]] = {}
         # constants of every scope, on the device once
         self.consts: dict[str, torch.Tensor] = {}
         for g in _all_graphs(graph):
@@ -97,10 +67,10 @@ class Interpreter:
         self.max_specializations = 64
         self._spec_lock = threading.Lock()
 
-    def _plan(self, g: Graph) -> _Plan:
+    def _plan(self, g: Graph) -> list[Step]:
         p = self._plans.get(id(g))
         if p is None:
-            p = self._plans[id(g)] = _Plan(g)
+            p = self._plans[id(g)] = _plan_steps(g)
         return p
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +100,7 @@ class Interpreter:
         for v, x in zip(g.inputs, inputs):
             env[v.name] = x
 
-        self.execute(self._plan(g).steps, env)
+        self.execute(self._plan(g), env)
         return [env[v.name] for v in g.outputs]
 
     def execute(self, steps: "list[Any]", env: Any) -> None:

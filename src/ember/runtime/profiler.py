@@ -13,7 +13,7 @@ import statistics
 import time
 from collections import ChainMap
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
