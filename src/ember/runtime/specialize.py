@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..ir.graph import Graph, Node
+from ..ir.shapes import Sym
 from ..ops import OpContext, OpDef, get
 from ..ops.torch_types import to_torch
 
@@ -62,6 +63,47 @@ def _meta(x: Any) -> Any:
     return None
 
 
+def _input_dims(graph: Graph, feeds: dict[str, Any]) -> Optional[dict[str, int]]:
+    """The values of the graph's named input dims for these feeds (None if they contradict)."""
+    env: dict[str, int] = {}
+    for v in graph.inputs:
+        x = feeds.get(v.name)
+        if not isinstance(x, torch.Tensor) or v.shape is None or len(v.shape) != x.dim():
+            continue
+        for d, n in zip(v.shape, x.shape):
+            if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+                name = d.terms[0][0][0]
+                if env.setdefault(name, int(n)) != int(n):
+                    return None
+            elif isinstance(d, int) and d != n:
+                return None  # the run's input check names the mismatch
+    return env
+
+
+def _declared_outputs(node: Node, dims: dict[str, int]) -> Any:
+    """Meta tensors of the node's outputs from the graph's inferred shapes, or None if any output's
+    shape or dtype is not determined by the input dims."""
+    outs = []
+    for o in node.outputs:
+        if o.shape is None or o.dtype is None:
+            return None
+        shape = []
+        for d in o.shape:
+            if isinstance(d, Sym):
+                try:
+                    d = d.evaluate(dims)
+                except KeyError:
+                    return None
+            if d < 0:
+                return None
+            shape.append(d)
+        try:
+            outs.append(torch.empty(shape, dtype=to_torch(o.dtype), device="meta"))
+        except (KeyError, ValueError, TypeError):
+            return None
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torch.Tensor],
                device: torch.device) -> Specialization:
     """Plan one input signature. ``small_consts``: CPU copies of constants of at most HOST_LIMIT elements."""
@@ -74,6 +116,7 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
         meta[name] = torch.empty(v.data.shape, dtype=to_torch(v.dtype), device="meta") if v.dtype else None
         if name in small_consts:
             known[name] = small_consts[name]
+    dims = _input_dims(graph, feeds)
     runtime: list[tuple[Node, OpDef, list[Optional[str]]]] = []
     reasons: list[str] = []
     folded = 0
@@ -132,10 +175,14 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
             reasons.append(f"node '{node.name}' ({node.op}) is control flow")
         out_meta = None
         if all(a is not None or v is None for a, v in zip(args, ins)):
-            try:
-                out_meta = opdef.call(args, node.attrs, ctx)
-            except Exception:
-                out_meta = None
+            # the graph's own shapes when they are known for this signature; running an op on meta
+            # tensors costs more (and conv's meta kernel imports torch._dynamo: seconds, once)
+            out_meta = _declared_outputs(node, dims) if dims is not None else None
+            if out_meta is None:
+                try:
+                    out_meta = opdef.call(args, node.attrs, ctx)
+                except Exception:
+                    out_meta = None
         if out_meta is None:
             reasons.append(f"node '{node.name}' ({node.op}) has data-dependent output shapes")
         outs = list(out_meta) if isinstance(out_meta, tuple) else [out_meta]
