@@ -139,6 +139,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         "memory": memory,
         "static_shapes": {k: list(v) for k, v in config.shapes.items()},
         "tactics": tune.choices if tune else {},
+        "tactic_failures": tune.failures if tune else [],
         # numerics that differ from the model's ops beyond storage rounding, said out loud
         "approximations": ([f"{n.name}: erf-GELU computed in the tanh form inside the cuBLASLt epilogue"
                             for n in graph.nodes if n.op == "ember.Gemm" and n.attrs.get("activation") == "Gelu"
@@ -152,6 +153,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         manifest["allow_tf32"] = True
     engine = Engine(graph, manifest, device=device)
     engine.build_report = report  # type: ignore[attr-defined]
+    engine.tuning = tune  # type: ignore[attr-defined]  (per-node timings of this build; None off CUDA)
     return engine
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import statistics
 import time
@@ -19,7 +20,10 @@ from ..ir.graph import Graph, Node
 from ..kernels import bind_tactic, candidates
 from ..ops import OpContext
 
+log = logging.getLogger(__name__)
+
 # builder level -> timed repetitions per candidate (0: no timing, first vendor tactic wins)
+TIMING_METHOD = "graph-replay"
 REPS = {0: 0, 1: 3, 2: 10, 3: 25, 4: 50, 5: 100}
 
 
@@ -39,7 +43,8 @@ def device_key(device: torch.device) -> str:
         dev = f"{p.name}|sm{p.major}{p.minor}"
     else:
         dev = "cpu"
-    return f"{dev}|torch{torch.__version__}|triton{triton_version}"
+    # the timing method is part of the key: entries timed another way are not comparable
+    return f"{dev}|torch{torch.__version__}|triton{triton_version}|{TIMING_METHOD}"
 
 
 def node_signature(node: Node, args: list) -> str:
@@ -84,24 +89,58 @@ class TimingCache:
 
 
 def _time(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
-    """Median milliseconds of ``reps`` runs after two warm-ups."""
-    for _ in range(2):
-        fn()
-    times = []
+    """Median milliseconds of ``reps`` runs after two warm-ups.
+
+    On CUDA the candidate is captured in a CUDA graph and the graph's replays are timed, which is how
+    an engine runs it: GPU time, without the Python and launch gaps that eager timing would add
+    (those differ between tactics and would pick by host overhead, not by kernel speed). A
+    candidate that cannot be captured is timed eagerly.
+    """
     if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                fn()
+        except Exception:
+            graph = None
+            torch.cuda.synchronize(device)
+        run = graph.replay if graph is not None else fn
+        for _ in range(2):
+            run()
+        times = []
         for _ in range(reps):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            fn()
+            run()
             e.record()
             e.synchronize()
             times.append(s.elapsed_time(e))
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        del graph
+        return statistics.median(times)
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def _warm_gpu(device: torch.device, ms: float = 200.0) -> None:
+    """Keep the GPU busy for a moment so its clocks are up before the first candidate is timed."""
+    a = torch.randn(2048, 2048, device=device, dtype=torch.float16)
+    t0 = time.perf_counter()
+    while (time.perf_counter() - t0) * 1e3 < ms:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -109,6 +148,9 @@ class TuneReport:
     timed: int = 0
     cached: int = 0
     choices: dict[str, int] = field(default_factory=dict)  # tactic name -> node count
+    # node name -> {tactic: median ms}, for the nodes timed in this build (not the cached ones)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)  # "node (op): tactic: error", never silent
 
 
 def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Tensor], level: int,
@@ -133,6 +175,7 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
     with torch.inference_mode():
         interp.run(feeds)
         reps = REPS.get(level, 10)
+        warmed = device.type != "cuda"
         for i, (name, node) in enumerate(tunable.items()):
             args = seen_args.get(name)
             cands = candidates(node, device)
@@ -149,6 +192,9 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
             else:
                 if progress:
                     progress(f"tuning {i + 1}/{len(tunable)} {node.op} {name}")
+                if not warmed:
+                    _warm_gpu(device)
+                    warmed = True
                 results: dict[str, float] = {}
                 ctx = OpContext(num_outputs=len(node.outputs), node_name=node.name)
                 results["reference"] = _time(lambda: interp_call_reference(node, args, ctx), reps, device)
@@ -161,9 +207,12 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
                     bargs = [consts[bound.remap[j]] if j in bound.remap else a for j, a in enumerate(args)]
                     try:
                         results[c.name] = _time(lambda: bound.run(bargs, bound.attrs, ctx), reps, device)
-                    except Exception:
-                        continue  # a tactic that fails here is simply not chosen
+                    except Exception as e:  # not chosen, and said in the build report
+                        msg = " ".join(str(e).split())[:300]
+                        report.failures.append(f"{name} ({node.op}): {c.name}: {type(e).__name__}: {msg}")
+                        log.warning("tactic %s failed on node %s: %s", c.name, name, msg)
                 best = min(results, key=results.get)
+                report.timings[name] = {k: round(v, 5) for k, v in results.items()}
                 node.meta["tactic"] = best
                 cache.entries[key] = {"tactic": best, "ms": results}
                 cache.misses += 1

@@ -78,6 +78,10 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
                       f"{mem['weights_mib']:.2f} MiB", markup=False)
     if m.get("tactics"):
         console.print("  tactics: " + ", ".join(f"{k} ×{v}" for k, v in sorted(m["tactics"].items())), markup=False)
+    if m.get("tactic_failures"):
+        console.print(f"  [yellow]{len(m['tactic_failures'])} tactic(s) failed while timing and were not chosen:[/]")
+        for f in m["tactic_failures"][:8]:
+            console.print("    " + f, markup=False)
     if m.get("fp32_layers"):
         console.print(f"  kept in fp32 for accuracy: {len(m['fp32_layers'])} layer(s): "
                       + ", ".join(m["fp32_layers"][:8]) + (" …" if len(m["fp32_layers"]) > 8 else ""), markup=False)
