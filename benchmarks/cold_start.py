@@ -23,9 +23,18 @@ x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32
 t0 = time.perf_counter()
 eng = ember.Engine.load(sys.argv[1])
 t1 = time.perf_counter()
+prof = None
+if len(sys.argv) > 2 and sys.argv[2] == "profile":
+    import cProfile
+    prof = cProfile.Profile(); prof.enable()
 out = eng.run({"pixel_values": x})
 torch.cuda.synchronize()
 t2 = time.perf_counter()
+if prof is not None:
+    import pstats
+    prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 t3 = time.perf_counter(); eng.run({"pixel_values": x}); torch.cuda.synchronize(); t4 = time.perf_counter()
 print(f"load {t1 - t0:.3f} s, first inference {t2 - t1:.3f} s, total {t2 - t0:.3f} s (second inference {t4 - t3:.4f} s)")
 """
@@ -34,6 +43,7 @@ print(f"load {t1 - t0:.3f} s, first inference {t2 - t1:.3f} s, total {t2 - t0:.3
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--profile", action="store_true", help="cProfile the first inference of the second start")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import torch
@@ -51,8 +61,8 @@ def main() -> None:
         eng.save(engine_path)
         print(f"engine {os.path.getsize(engine_path) / 1e6:.1f} MB, {args.precision}")
         for i in range(2):  # the second start also finds warm OS file caches
-            r = subprocess.run([sys.executable, "-c", CHILD, engine_path], capture_output=True, text=True,
-                               env=os.environ)
+            argv = [sys.executable, "-c", CHILD, engine_path] + (["profile"] if args.profile and i == 1 else [])
+            r = subprocess.run(argv, capture_output=True, text=True, env=os.environ)
             print(f"fresh process {i + 1}: " + (r.stdout.strip() or r.stderr.strip()[-800:]))
 
 

@@ -33,6 +33,19 @@ def make(model: str, batch: int):
             def forward(self, a):
                 return self.m(a, attention_mask=torch.ones_like(a)).last_hidden_state
         return W(m).eval(), x, "input_ids"
+    if model == "resnet":
+        from transformers import ResNetConfig, ResNetModel
+
+        r = ResNetModel(ResNetConfig()).eval()
+
+        class R(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, a):
+                return self.m(a).pooler_output
+        return R(r).eval(), torch.randn(batch, 3, 224, 224), "pixel_values"
     m = ViTModel(ViTConfig(), add_pooling_layer=False).eval()
     x = torch.randn(batch, 3, 224, 224)
 
@@ -71,8 +84,9 @@ def top_kernels(fn, n: int = 14) -> list[tuple[str, int, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="bert", choices=["bert", "vit"])
+    ap.add_argument("--model", default="bert", choices=["bert", "vit", "resnet"])
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--timings", action="store_true", help="print every timed node's tactic timings")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     m, x, name = make(args.model, args.batch)
@@ -84,12 +98,20 @@ def main() -> None:
         eng = ember.build(path, device="cuda", precision="fp16", opt_level=3, shapes={name: tuple(x.shape)})
     print(f"{args.model} b{args.batch}: ember graph {eng.graph.op_counts()}")
     print(f"tactics {eng.manifest['tactics']}")
+    for f in eng.manifest.get("tactic_failures", []):
+        print(f"  tactic failure: {f}")
+    for node, ms in (eng.tuning.timings.items() if eng.tuning else []):
+        if min(ms, key=ms.get) == "reference" or args.timings:
+            print(f"  {node}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
     ctx = eng.create_execution_context(cuda_graph=False)
     xd = x.cuda()
     print("ember (eager steps):")
     top_kernels(lambda: ctx.run_device({name: xd}, reuse_outputs=True))
     m16 = m.cuda().half()
     xe = xd.half() if xd.is_floating_point() else xd
+    if args.model == "resnet":  # conv nets run channels-last in the peers too
+        m16 = m16.to(memory_format=torch.channels_last)
+        xe = xe.contiguous(memory_format=torch.channels_last)
     print("torch eager fp16:")
     with torch.no_grad():
         top_kernels(lambda: m16(xe))
