@@ -155,7 +155,13 @@ class TuneReport:
 
 def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Tensor], level: int,
                    cache: TimingCache, progress: Optional[Callable[[str], None]] = None) -> TuneReport:
-    """Pick a tactic for every node that has more than the reference. ``feeds``: inputs at opt shapes."""
+    """Pick a tactic for every node that has more than the reference. ``feeds``: inputs at opt shapes.
+
+    One run of the graph, in order: each node is timed on the inputs its producers' *chosen*
+    tactics made, then runs with its own winner, so every candidate is timed on the layouts it
+    will see in the engine (a cuDNN channels-last conv after another one gets an NHWC input, not
+    the reference's NCHW one, whose conversion it would otherwise be charged for).
+    """
     from ..runtime.interpreter import Interpreter
 
     report = TuneReport()
@@ -163,61 +169,71 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
     if not tunable:
         return report
     interp = Interpreter(graph, device)
-    seen_args: dict[str, list] = {}
+    reps = REPS.get(level, 10)
+    state = {"warmed": device.type != "cuda", "done": 0}
+
+    def choose(node: Node, args: list) -> None:
+        name = node.name
+        cands = candidates(node, device)
+        key = cache.key(device, node_signature(node, args))
+        hit = cache.entries.get(key)
+        state["done"] += 1
+        if hit is not None and (hit["tactic"] == "reference" or any(c.name == hit["tactic"] for c in cands)):
+            node.meta["tactic"] = hit["tactic"]
+            report.cached += 1
+            cache.hits += 1
+            return
+        if reps == 0:
+            node.meta["tactic"] = cands[0].name
+            return
+        if progress:
+            progress(f"tuning {state['done']}/{len(tunable)} {node.op} {name}")
+        if not state["warmed"]:
+            _warm_gpu(device)
+            state["warmed"] = True
+        results: dict[str, float] = {}
+        ctx = OpContext(num_outputs=len(node.outputs), node_name=name)
+        results["reference"] = _time(lambda: interp_call_reference(node, args, ctx), reps, device)
+        for c in cands:
+            node.meta["tactic"] = c.name
+            consts = dict(interp.consts)
+            bound = bind_tactic(node, device, consts)
+            if bound is None:
+                continue
+            bargs = [consts[bound.remap[j]] if j in bound.remap else a for j, a in enumerate(args)]
+            try:
+                results[c.name] = _time(lambda: bound.run(bargs, bound.attrs, ctx), reps, device)
+            except Exception as e:  # not chosen, and said in the build report
+                msg = " ".join(str(e).split())[:300]
+                report.failures.append(f"{name} ({node.op}): {c.name}: {type(e).__name__}: {msg}")
+                log.warning("tactic %s failed on node %s: %s", c.name, name, msg)
+        best = min(results, key=results.get)
+        report.timings[name] = {k: round(v, 5) for k, v in results.items()}
+        node.meta["tactic"] = best
+        cache.entries[key] = {"tactic": best, "ms": results}
+        cache.misses += 1
+        report.timed += 1
 
     def on_step(step: Any, args: list) -> None:
         # a fused step's arguments are its group's inputs, not the sink node's: nodes of a fused
         # group run inside the generated kernel, so there is no tactic of theirs to time
-        if step.kernel is None and step.node.name in tunable and step.node.name not in seen_args:
-            seen_args[step.node.name] = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        node = step.node
+        if step.kernel is not None or node.name not in tunable or "tactic" in node.meta:
+            return
+        choose(node, args)
+        report.choices[node.meta["tactic"]] = report.choices.get(node.meta["tactic"], 0) + 1
+        bound = bind_tactic(node, device, interp.consts)  # this step now runs with its winner
+        if bound is not None:
+            interp.bound[node.name] = bound
+        else:
+            interp.bound.pop(node.name, None)
 
+    for n in tunable.values():
+        n.meta.pop("tactic", None)
     interp.on_step = on_step
     with torch.inference_mode():
         interp.run(feeds)
-        reps = REPS.get(level, 10)
-        warmed = device.type != "cuda"
-        for i, (name, node) in enumerate(tunable.items()):
-            args = seen_args.get(name)
-            cands = candidates(node, device)
-            if args is None:  # not reached at these shapes (e.g. inside a branch): keep the reference
-                continue
-            key = cache.key(device, node_signature(node, args))
-            hit = cache.entries.get(key)
-            if hit is not None and (hit["tactic"] == "reference" or any(c.name == hit["tactic"] for c in cands)):
-                node.meta["tactic"] = hit["tactic"]
-                report.cached += 1
-                cache.hits += 1
-            elif reps == 0:
-                node.meta["tactic"] = cands[0].name
-            else:
-                if progress:
-                    progress(f"tuning {i + 1}/{len(tunable)} {node.op} {name}")
-                if not warmed:
-                    _warm_gpu(device)
-                    warmed = True
-                results: dict[str, float] = {}
-                ctx = OpContext(num_outputs=len(node.outputs), node_name=node.name)
-                results["reference"] = _time(lambda: interp_call_reference(node, args, ctx), reps, device)
-                for c in cands:
-                    node.meta["tactic"] = c.name
-                    consts = dict(interp.consts)
-                    bound = bind_tactic(node, device, consts)
-                    if bound is None:
-                        continue
-                    bargs = [consts[bound.remap[j]] if j in bound.remap else a for j, a in enumerate(args)]
-                    try:
-                        results[c.name] = _time(lambda: bound.run(bargs, bound.attrs, ctx), reps, device)
-                    except Exception as e:  # not chosen, and said in the build report
-                        msg = " ".join(str(e).split())[:300]
-                        report.failures.append(f"{name} ({node.op}): {c.name}: {type(e).__name__}: {msg}")
-                        log.warning("tactic %s failed on node %s: %s", c.name, name, msg)
-                best = min(results, key=results.get)
-                report.timings[name] = {k: round(v, 5) for k, v in results.items()}
-                node.meta["tactic"] = best
-                cache.entries[key] = {"tactic": best, "ms": results}
-                cache.misses += 1
-                report.timed += 1
-            report.choices[node.meta["tactic"]] = report.choices.get(node.meta["tactic"], 0) + 1
+    # nodes not reached at these shapes (e.g. inside a branch) keep the reference
     return report
 
 

@@ -122,6 +122,10 @@ class Interpreter:
                 ) from None
             if self.on_step is not None:
                 self.on_step(step, args)
+                if self.bound.get(step.node.name) is not bound:  # the hook chose a tactic (the tuner)
+                    bound = self.bound.get(step.node.name)
+                    keys = step.inputs if bound is None else [bound.remap.get(i, k) for i, k in enumerate(step.inputs)]
+                    args = [env[n] if n is not None else None for n in keys]
             if step.kernel is not None:  # a generated kernel for a whole fusion group
                 env[step.outputs[0]] = step.kernel(*args)
                 for name in step.free_after:
