@@ -193,6 +193,7 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
             state["warmed"] = True
         results: dict[str, float] = {}
         ctx = OpContext(num_outputs=len(node.outputs), node_name=name)
+        want = interp_call_reference(node, args, ctx)
         results["reference"] = _time(lambda: interp_call_reference(node, args, ctx), reps, device)
         for c in cands:
             node.meta["tactic"] = c.name
@@ -202,6 +203,10 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
                 continue
             bargs = [consts[bound.remap[j]] if j in bound.remap else a for j, a in enumerate(args)]
             try:
+                # a candidate must compute the node's function before its speed counts
+                err = _mismatch(bound.run(bargs, bound.attrs, ctx), want)
+                if err:
+                    raise ValueError(f"output differs from the reference: {err}")
                 results[c.name] = _time(lambda: bound.run(bargs, bound.attrs, ctx), reps, device)
             except Exception as e:  # not chosen, and said in the build report
                 msg = " ".join(str(e).split())[:300]
@@ -235,6 +240,35 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
         interp.run(feeds)
     # nodes not reached at these shapes (e.g. inside a branch) keep the reference
     return report
+
+
+# relative L2 a tactic may differ from the reference by: the storage type's rounding, accumulated
+# in a different order (fp32 allows TF32 GEMMs in tf32 engines)
+MISMATCH_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 5e-3, torch.float64: 1e-6}
+
+
+def _mismatch(got: Any, want: Any) -> str:
+    """'' when a candidate's output matches the reference's, else what differs."""
+    gs = list(got) if isinstance(got, (tuple, list)) else [got]
+    ws = list(want) if isinstance(want, (tuple, list)) else [want]
+    if len(gs) != len(ws):
+        return f"{len(gs)} outputs, expected {len(ws)}"
+    for i, (g, w) in enumerate(zip(gs, ws)):
+        if not isinstance(w, torch.Tensor):
+            continue
+        if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
+            return (f"output {i}: {getattr(g, 'dtype', type(g).__name__)}{list(getattr(g, 'shape', []))}, "
+                    f"expected {w.dtype}{list(w.shape)}")
+        if not w.is_floating_point():
+            if not torch.equal(g, w):
+                return f"output {i}: values differ"
+            continue
+        gf, wf = (g.double(), w.double()) if w.dtype == torch.float64 else (g.float(), w.float())
+        err = float((gf - wf).norm() / wf.norm().clamp_min(1e-30))
+        tol = MISMATCH_TOL.get(w.dtype, 1e-2)
+        if not err <= tol:  # NaN fails too
+            return f"output {i}: relative L2 {err:.2e} > {tol:.0e}"
+    return ""
 
 
 def interp_call_reference(node: Node, args: list, ctx: OpContext) -> Any:
