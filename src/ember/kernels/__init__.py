@@ -68,6 +68,7 @@ def _load() -> None:
     if not _loaded:
         _loaded = True
         from . import vendor  # noqa: F401  (registers the vendor tactics)
+        from . import pool  # noqa: F401  (pooling tactics)
 
 
 @dataclass
