@@ -113,3 +113,15 @@ def test_memory_plan_and_workspace(tmp_path):
     assert 0 < mem["activations_peak_mib"] <= mem["activations_naive_mib"]
     with pytest.raises(EmberError, match="--workspace allows"):
         ember.build(save(add_mul_model(), tmp_path / "m2.onnx"), device="cpu", workspace=1e-9)
+
+
+def test_reduced_precision_engine_stores_each_weight_once():
+    """fp16 engines keep the converted weights only, not the fp32 originals beside them."""
+    fp32 = ember.build("examples/digits/digits_cnn.onnx")
+    fp16 = ember.build("examples/digits/digits_cnn.onnx", precision="fp16")
+    used = {v.name for n in fp16.graph.nodes for v in n.inputs if v is not None}
+    assert set(fp16.graph.initializers) <= used
+    assert not any(v.data.dtype == np.float32 and v.data.size > 16 for v in fp16.graph.initializers.values())
+    n32 = sum(v.data.nbytes for v in fp32.graph.initializers.values())
+    n16 = sum(v.data.nbytes for v in fp16.graph.initializers.values())
+    assert n16 < 0.55 * n32

@@ -23,6 +23,7 @@ from ..runtime.engine import Engine, host_info, resolve_device
 from .memory import check_workspace, plan_memory, plan_specialization
 from .precision import convert_precision
 from .profiles import bind_static_shapes, check_profiles, opt_feeds
+from ..passes.rewrite import remove_unused_initializers
 from .tuner import TimingCache, default_cache_path, select_tactics
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -113,6 +114,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     kept_fp32: list[str] = []
     if config.precision in ("fp16", "bf16"):
         kept_fp32 = convert_precision(graph, DType.FLOAT16 if config.precision == "fp16" else DType.BFLOAT16)
+        remove_unused_initializers(graph)  # the fp32 originals of converted weights: not stored twice
     if config.debug or config.precision in ("fp16", "bf16"):
         verify(graph, known_ops())
     tune = None
