@@ -192,7 +192,7 @@ def specialize(graph: Graph, feeds: dict[str, Any], small_consts: dict[str, torc
         if opdef.kind == "control" or any(node.subgraphs()):
             reasons.append(f"node '{node.name}' ({node.op}) is control flow")
         out_meta = None
-        if all(a is not None or v is None for a, v in zip(args, ins)):
+        if all(a is not None or k is None for a, k in zip(args, keys)):  # k None: no input, or a dropped mask
             # the graph's own shapes when they are known for this signature; running an op on meta
             # tensors costs more (and conv's meta kernel imports torch._dynamo: seconds, once)
             out_meta = _declared_outputs(node, dims) if dims is not None else None
