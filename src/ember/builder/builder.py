@@ -24,6 +24,7 @@ from .memory import check_workspace, plan_memory, plan_specialization
 from .precision import convert_precision
 from .profiles import bind_static_shapes, check_profiles, opt_feeds
 from ..passes.rewrite import remove_unused_initializers
+from ..runtime import kernel_store
 from .tuner import TimingCache, default_cache_path, select_tactics
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -154,6 +155,19 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     if config.precision == "tf32":
         manifest["allow_tf32"] = True
     engine = Engine(graph, manifest, device=device)
+    if device.type == "cuda":
+        # runs at each profile's min, opt and max shapes: they compile what first inferences would
+        # (Triton specializes on sizes of 1 and multiples of 16), and record the kernels the engine
+        # launches so that save() stores their binaries
+        with kernel_store.recording() as launched, torch.inference_mode():
+            seen: set = set()
+            for p in (profiles or [{}]):
+                for which in ((0, 1, 2) if p else (1,)):
+                    shapes = tuple(sorted((k, tuple(v[which])) for k, v in p.items()))
+                    if shapes not in seen:  # distinct shapes only (static builds: one run)
+                        seen.add(shapes)
+                        engine._interp.run(opt_feeds(graph, [p] if p else [], device, which))
+        engine.kernel_binaries = kernel_store.members(launched)
     engine.build_report = report  # type: ignore[attr-defined]
     engine.tuning = tune  # type: ignore[attr-defined]  (per-node timings of this build; None off CUDA)
     return engine

@@ -66,14 +66,15 @@ def bind_static_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]]) -> None
     visit(graph)
 
 
-def opt_feeds(graph: Graph, profiles: list[Profile], device: torch.device) -> dict[str, torch.Tensor]:
-    """Random inputs at the first profile's opt shapes (symbolic dims elsewhere: 1)."""
+def opt_feeds(graph: Graph, profiles: list[Profile], device: torch.device, which: int = 1) -> dict[str, torch.Tensor]:
+    """Random inputs at the first profile's opt shapes (``which``: 0 min, 1 opt, 2 max; symbolic
+    dims elsewhere: 1)."""
     rng = np.random.default_rng(0)
     opt = profiles[0] if profiles else {}
     feeds = {}
     for v in graph.inputs:
         if v.name in opt:
-            shape = opt[v.name][1]
+            shape = opt[v.name][which]
         else:
             shape = tuple(d if isinstance(d, int) else 1 for d in (v.shape or ()))
         dt = to_torch(v.dtype)

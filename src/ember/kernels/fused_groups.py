@@ -27,6 +27,7 @@ import torch
 
 from ..ir.graph import Graph, Node, Value
 from ..ops.torch_types import to_torch
+from ..runtime.kernel_store import note
 from .triton_codegen import LOOP_BLOCK, MAX_BLOCK, Program, build_program, generate_source
 from .triton_ops import ELEM, Unsupported
 
@@ -112,7 +113,7 @@ class FusedGroupKernel:
                              f"{plan.out_shape} and strides {plan.out_stride}, got {out.dtype} {tuple(out.shape)} "
                              f"{out.stride()}")
         if plan.grid[0]:
-            plan.fn[plan.grid](out, *loaded, *plan.ints, **plan.meta)
+            note(plan.fn[plan.grid](out, *loaded, *plan.ints, **plan.meta))
         return out
 
     def output_layout(self, *tensors: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:

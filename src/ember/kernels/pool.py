@@ -14,6 +14,7 @@ import torch
 
 from ..ir.graph import Node
 from ..ops.nn import pool_geometry, window
+from ..runtime.kernel_store import note
 from . import tactic
 
 try:
@@ -78,11 +79,11 @@ def max_pool_nhwc(x: torch.Tensor, attrs: dict) -> torch.Tensor:
     block_c = min(64, triton.next_power_of_2(c))
     block_p = max(16, 4096 // block_c // 4)
     grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
-    _max_pool_nhwc_kernel[grid](x, y, p, h, w, c, oh, ow, x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+    note(_max_pool_nhwc_kernel[grid](x, y, p, h, w, c, oh, ow, x.stride(0), x.stride(2), x.stride(3), x.stride(1),
                                 y.stride(0), y.stride(2), y.stride(3), y.stride(1),
                                 KH=win.kernel[0], KW=win.kernel[1], SH=win.strides[0], SW=win.strides[1],
                                 PH=begin[0], PW=begin[1], DH=win.dilations[0], DW=win.dilations[1],
-                                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
+                                BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4))
     return y
 
 

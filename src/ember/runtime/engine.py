@@ -14,7 +14,8 @@ from ..ir.dtypes import DType, to_numpy
 from ..ir.graph import Graph, Value
 from ..ir.shapes import Sym
 from ..ops.torch_types import from_torch, to_numpy_value, to_torch_value
-from .format import read_engine, write_engine
+from . import kernel_store
+from .format import read_engine, read_manifest, read_members, write_engine
 from .interpreter import Interpreter
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class Engine:
         self._device = resolve_device(device)
         consts = {k[len("const/"):]: t for k, t in (weights or {}).items() if k.startswith("const/")}
         self._interp = Interpreter(graph, self._device, consts or None)
+        # compiled Triton kernels stored with the engine: kernels/<hash>/<file> -> bytes
+        self.kernel_binaries: dict[str, bytes] = {}
         self.inputs = [_spec(v) for v in graph.inputs]
         self.outputs = [_spec(v) for v in graph.outputs]
         self.profiles = [{k: tuple(tuple(d) for d in v) for k, v in p.items()}
@@ -76,6 +79,9 @@ class Engine:
              allow_other_gpu: bool = False) -> "Engine":
         """Load an engine file. An engine tuned on one GPU model refuses to load on another unless
         ``allow_other_gpu`` (it then runs correctly with tactics chosen for the other GPU)."""
+        warm = None
+        if resolve_device(device).type == "cuda" and read_manifest(path).get("kernels"):
+            warm = kernel_store.prewarm()  # Triton's first-launch work, while the weights load
         f = read_engine(path)
         backend = f.manifest.get("backend", "reference")
         if backend != "reference":
@@ -85,14 +91,30 @@ class Engine:
         if dev.type == "cuda" and not allow_other_gpu:
             p = torch.cuda.get_device_properties(dev)
             check_same_gpu(f.manifest, p.name, f"{p.major}.{p.minor}", os.fspath(path))
-        return cls(f.graph, f.manifest, device=dev, weights=f.weights)
+        stored = f.manifest.get("kernels") or {}
+        kernels: dict[str, bytes] = {}
+        if dev.type == "cuda" and stored.get("triton") and stored.get("triton") == kernel_store.triton_version():
+            # compiled kernels of this GPU and Triton version: Triton finds them instead of compiling
+            kernels = read_members(path, f.manifest, kernel_store.PREFIX)
+            kernel_store.restore(kernels)
+        engine = cls(f.graph, f.manifest, device=dev, weights=f.weights)
+        engine.kernel_binaries = kernels
+        if warm is not None:
+            warm.join()
+        return engine
 
     def save(self, path: "str | os.PathLike") -> int:
         manifest = dict(self.manifest)
         manifest.setdefault("backend", "reference")
         manifest["inputs"] = [s.to_json() for s in self.inputs]
         manifest["outputs"] = [s.to_json() for s in self.outputs]
-        return write_engine(path, self.graph, manifest)
+        kernels = self.kernel_binaries
+        if kernels:
+            manifest["kernels"] = {"triton": kernel_store.triton_version(),
+                                   "count": sum(k.endswith(".json") for k in kernels)}
+        else:
+            manifest.pop("kernels", None)
+        return write_engine(path, self.graph, manifest, kernels)
 
     @property
     def device(self) -> str:

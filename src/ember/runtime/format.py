@@ -38,21 +38,26 @@ def _sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def write_engine(path: "str | os.PathLike", graph: Graph, manifest: dict[str, Any]) -> int:
-    """Write the engine; returns its size in bytes. Writes to a temp file first, then renames."""
+def write_engine(path: "str | os.PathLike", graph: Graph, manifest: dict[str, Any],
+                 extra: "dict[str, bytes] | None" = None) -> int:
+    """Write the engine; returns its size in bytes. Writes to a temp file first, then renames.
+    ``extra``: further members (compiled kernels under ``kernels/``), checksummed like the rest."""
     obj, arrays = graph_to_json(graph)
     graph_bytes = json.dumps(obj, separators=(",", ":")).encode()
     tensors = {k: tensor_from_numpy(v).contiguous() for k, v in arrays.items()}
     weights_bytes = st_save(tensors) if tensors else st_save({})
     manifest = dict(manifest)
     manifest.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                     "checksums": {GRAPH: _sha256(graph_bytes), WEIGHTS: _sha256(weights_bytes)}})
+                     "checksums": {GRAPH: _sha256(graph_bytes), WEIGHTS: _sha256(weights_bytes),
+                                   **{k: _sha256(v) for k, v in (extra or {}).items()}}})
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # concurrent saves must not share it
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
         z.writestr(MANIFEST, json.dumps(manifest, indent=2))
         z.writestr(GRAPH, graph_bytes)
         z.writestr(WEIGHTS, weights_bytes)
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
     os.replace(tmp, path)
     return os.path.getsize(path)
 
@@ -98,6 +103,22 @@ def _manifest(z: zipfile.ZipFile, path: str) -> dict[str, Any]:
             f"engine '{path}' uses engine format version {v}; this ember reads version {FORMAT_VERSION}. "
             f"It was built by ember {m.get('ember_version', '?')}: upgrade ember, or rebuild the engine with this one.")
     return m
+
+
+def read_members(path: "str | os.PathLike", manifest: dict[str, Any], prefix: str) -> dict[str, bytes]:
+    """The members under ``prefix`` (e.g. compiled kernels), each checked against the manifest's checksum."""
+    path = os.fspath(path)
+    sums = manifest.get("checksums", {})
+    out: dict[str, bytes] = {}
+    with _open(path) as z:
+        for name in z.namelist():
+            if name.startswith(prefix):
+                data = _member(z, name, path)
+                if sums.get(name) != _sha256(data):
+                    raise EngineFileError(f"engine '{path}': the checksum of {name} does not match the manifest — "
+                                          "the file was modified or damaged after it was built. Rebuild it.")
+                out[name] = data
+    return out
 
 
 def read_engine(path: "str | os.PathLike") -> EngineFile:
