@@ -69,6 +69,7 @@ def _load() -> None:
         _loaded = True
         from . import vendor  # noqa: F401  (registers the vendor tactics)
         from . import pool  # noqa: F401  (pooling tactics)
+        from . import triton_templates  # noqa: F401  (registers the Triton GEMM/conv template tactics)
 
 
 @dataclass
