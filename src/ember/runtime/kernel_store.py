@@ -106,12 +106,19 @@ def prewarm() -> Optional[threading.Thread]:
     kernel launch otherwise). Returns the thread, or None without Triton."""
     def work() -> None:
         try:
-            import triton  # noqa: F401
-            from triton.compiler import compiler
+            import importlib
 
-            key = getattr(compiler, "triton_key", None)
-            if key is not None:
-                key()
+            import triton  # noqa: F401
+
+            for mod in ("triton.runtime.cache", "triton.compiler.compiler"):  # where versions keep it
+                key = getattr(importlib.import_module(mod), "triton_key", None)
+                if key is not None:
+                    key()  # cached by Triton for the process
+                    break
+            try:  # imported by the first JIT launch too (Triton >= 3.4)
+                importlib.import_module("triton.experimental.gluon")
+            except ImportError:
+                pass
         except Exception as e:  # a warm-up is an optimization only
             log.debug("triton prewarm failed: %s", e)
 
