@@ -1,7 +1,9 @@
-"""The engine file: a zip of manifest.json, graph.json and weights.safetensors.
+"""The engine file: a zip of manifest.json, graph.json and weights.safetensors (and, for CUDA
+engines, compiled Triton kernels under kernels/).
 
-Data only: loading parses JSON and safetensors, checks checksums and versions, and never
-unpickles or executes anything from the file.
+Loading parses JSON and safetensors, checks checksums and versions, and never unpickles or runs
+Python from the file. The kernel binaries are the one executable content: they are checksummed and
+handed to Triton's cache only when the GPU and Triton version match the build (kernel_store.py).
 """
 from __future__ import annotations
 
