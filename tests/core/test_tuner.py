@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.builder.tuner import _mismatch
+from ember.builder.tuner import _mismatch, pick
 
 
 def test_matching_outputs_pass():
@@ -45,3 +45,10 @@ def test_tolerance_follows_the_storage_type():
     off = w + 3e-3 * torch.randn(4096, generator=g)  # ~3e-3 relative: fp16 rounding scale, not fp32's
     assert _mismatch(off.half(), w.half()) == ""
     assert "relative L2" in _mismatch(off.double(), w.double())
+
+
+def test_reference_needs_a_clear_win():
+    assert pick({"reference": 0.019, "sdpa": 0.020}) == "sdpa"  # within noise: the fused kernel
+    assert pick({"reference": 0.010, "sdpa": 0.020}) == "reference"
+    assert pick({"reference": 0.03, "a": 0.02, "b": 0.01}) == "b"
+    assert pick({"reference": 0.03}) == "reference"
