@@ -181,7 +181,9 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
         names = {c.name for c in cands} | {"reference"}
         if hit is not None and isinstance(hit.get("ms"), dict):  # choose again: the rule may have changed
             timed = {k: v for k, v in hit["ms"].items() if k in names}
-            hit = {"tactic": pick(timed)} if timed else None
+            # a candidate this entry never saw (a tactic added since) means timing again
+            fresh = names - set(hit["ms"]) - set(hit.get("failed", []))
+            hit = {"tactic": pick(timed)} if timed and not fresh else None
         if hit is not None and hit.get("tactic") in names:
             node.meta["tactic"] = hit["tactic"]
             report.cached += 1
@@ -196,6 +198,7 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
             _warm_gpu(device)
             state["warmed"] = True
         results: dict[str, float] = {}
+        failed: list[str] = []
         ctx = OpContext(num_outputs=len(node.outputs), node_name=name)
         want = interp_call_reference(node, args, ctx)
         results["reference"] = _time(lambda: interp_call_reference(node, args, ctx), reps, device)
@@ -204,6 +207,7 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
             consts = dict(interp.consts)
             bound = bind_tactic(node, device, consts)
             if bound is None:
+                failed.append(c.name)
                 continue
             bargs = [consts[bound.remap[j]] if j in bound.remap else a for j, a in enumerate(args)]
             try:
@@ -215,11 +219,12 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
             except Exception as e:  # not chosen, and said in the build report
                 msg = " ".join(str(e).split())[:300]
                 report.failures.append(f"{name} ({node.op}): {c.name}: {type(e).__name__}: {msg}")
+                failed.append(c.name)
                 log.warning("tactic %s failed on node %s: %s", c.name, name, msg)
         best = pick(results)
         report.timings[name] = {k: round(v, 5) for k, v in results.items()}
         node.meta["tactic"] = best
-        cache.entries[key] = {"tactic": best, "ms": results}
+        cache.entries[key] = {"tactic": best, "ms": results, "failed": failed}
         cache.misses += 1
         report.timed += 1
 
