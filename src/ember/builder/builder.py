@@ -19,12 +19,12 @@ from ..ir.graph import Graph
 from ..ir.verify import verify
 from ..ops import known_ops
 from ..ops.infer import infer_shapes
+from ..passes.rewrite import remove_unused_initializers
+from ..runtime import kernel_store
 from ..runtime.engine import Engine, host_info, resolve_device
 from .memory import check_workspace, plan_memory, plan_specialization
 from .precision import convert_precision
 from .profiles import bind_static_shapes, check_profiles, opt_feeds
-from ..passes.rewrite import remove_unused_initializers
-from ..runtime import kernel_store
 from .tuner import TimingCache, default_cache_path, select_tactics
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")

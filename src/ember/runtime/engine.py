@@ -1,6 +1,7 @@
 """Engine: a loaded, ready-to-run model. ``Engine.load(path)`` needs no compiler."""
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from ..ops.torch_types import from_torch, to_numpy_value, to_torch_value
 from . import kernel_store
 from .format import read_engine, read_manifest, read_members, write_engine
 from .interpreter import Interpreter
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .context import ExecutionContext
@@ -96,7 +99,11 @@ class Engine:
         if dev.type == "cuda" and stored.get("triton") and stored.get("triton") == kernel_store.triton_version():
             # compiled kernels of this GPU and Triton version: Triton finds them instead of compiling
             kernels = read_members(path, f.manifest, kernel_store.PREFIX)
-            kernel_store.restore(kernels)
+            try:
+                kernel_store.restore(kernels)
+            except OSError as e:  # an unwritable Triton cache costs compile time, not correctness
+                log.warning("engine '%s': stored kernels not restored into Triton's cache (%s); "
+                            "they will be compiled on first use", os.fspath(path), e)
         engine = cls(f.graph, f.manifest, device=dev, weights=f.weights)
         engine.kernel_binaries = kernels
         if warm is not None:
