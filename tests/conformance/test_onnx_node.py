@@ -25,6 +25,6 @@ def _params():
         yield pytest.param(c, id=c.name, marks=marks)
 
 
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", list(_params()))
 def test_node(case):
     run_case(case)
