@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 
 from ember.ir.dtypes import DType
 from ember.ir.graph import Graph, Node
+from ember.builder.tuner import _time
 from ember.kernels import bind_tactic, candidates
 from ember.ops.infer import infer_shapes
 
@@ -121,40 +121,9 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def time_ms(fn: Callable[[], Any], reps: int, inner: int) -> float:
-    """Median ms per call: a CUDA graph of ``inner`` calls replayed ``reps`` times (eager if capture fails)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph: Optional[torch.cuda.CUDAGraph] = None
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                fn()
-        run = graph.replay
-    except Exception:
-        graph = None
-
-        def run():
-            for _ in range(inner):
-                fn()
-    for _ in range(2):
-        run()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    del graph
-    return statistics.median(times)
+    """Median ms per call, timed the way the builder's tuner times tactics (CUDA-graph replays of
+    ``inner`` calls; eager if capture fails)."""
+    return _time(fn, reps, torch.device("cuda"), inner)
 
 
 def bench_case(case: Case, device: torch.device, reps: int, inner: int, verbose: bool) -> dict:

@@ -88,8 +88,8 @@ class TimingCache:
         os.replace(tmp, self.path)
 
 
-def _time(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
-    """Median milliseconds of ``reps`` runs after two warm-ups.
+def _time(fn: Callable[[], Any], reps: int, device: torch.device, inner: int = 1) -> float:
+    """Median milliseconds per call of ``reps`` runs after two warm-ups (a run: ``inner`` calls).
 
     On CUDA the candidate is captured in a CUDA graph and the graph's replays are timed, which is how
     an engine runs it: GPU time, without the Python and launch gaps that eager timing would add
@@ -104,13 +104,17 @@ def _time(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
                 fn()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        def calls() -> None:
+            for _ in range(inner):
+                fn()
+
         try:
             with torch.cuda.graph(graph):
-                fn()
+                calls()
         except Exception:
             graph = None
             torch.cuda.synchronize(device)
-        run = graph.replay if graph is not None else fn
+        run = graph.replay if graph is not None else calls
         for _ in range(2):
             run()
         times = []
@@ -120,7 +124,7 @@ def _time(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
             run()
             e.record()
             e.synchronize()
-            times.append(s.elapsed_time(e))
+            times.append(s.elapsed_time(e) / inner)
         del graph
         return statistics.median(times)
     for _ in range(2):
@@ -128,8 +132,9 @@ def _time(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e3 / inner)
     return statistics.median(times)
 
 
