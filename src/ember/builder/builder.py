@@ -24,7 +24,7 @@ from ..runtime import kernel_store
 from ..runtime.engine import Engine, host_info, resolve_device
 from .memory import check_workspace, plan_memory, plan_specialization
 from .precision import convert_precision
-from .profiles import bind_static_shapes, check_profiles, opt_feeds
+from .profiles import bind_static_shapes, check_profiles, opt_feeds, profile_feeds
 from .tuner import TimingCache, default_cache_path, select_tactics
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -160,13 +160,8 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         # (Triton specializes on sizes of 1 and multiples of 16), and record the kernels the engine
         # launches so that save() stores their binaries
         with kernel_store.recording() as launched, torch.inference_mode():
-            seen: set = set()
-            for p in (profiles or [{}]):
-                for which in ((0, 1, 2) if p else (1,)):
-                    shapes = tuple(sorted((k, tuple(v[which])) for k, v in p.items()))
-                    if shapes not in seen:  # distinct shapes only (static builds: one run)
-                        seen.add(shapes)
-                        engine._interp.run(opt_feeds(graph, [p] if p else [], device, which))
+            for feeds in profile_feeds(graph, profiles, device):
+                engine._interp.run(feeds)
         engine.kernel_binaries = kernel_store.members(launched)
     engine.build_report = report  # type: ignore[attr-defined]
     engine.tuning = tune  # type: ignore[attr-defined]  (per-node timings of this build; None off CUDA)

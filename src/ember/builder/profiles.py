@@ -1,6 +1,8 @@
 """Optimization profiles: static shapes folded at build time, or min/opt/max ranges per input."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -86,3 +88,15 @@ def opt_feeds(graph: Graph, profiles: list[Profile], device: torch.device, which
             t = torch.from_numpy(rng.integers(0, 2, size=shape)).to(dt)
         feeds[v.name] = t.to(device)
     return feeds
+
+
+def profile_feeds(graph: Graph, profiles: list[Profile], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Random inputs at every profile's min, opt and max shapes, each distinct set of shapes once
+    (a static build: one set)."""
+    seen: set = set()
+    for p in profiles or [{}]:
+        for which in (0, 1, 2) if p else (1,):
+            shapes = tuple(sorted((k, tuple(v[which])) for k, v in p.items()))
+            if shapes not in seen:
+                seen.add(shapes)
+                yield opt_feeds(graph, [p] if p else [], device, which)

@@ -82,15 +82,15 @@ class Engine:
              allow_other_gpu: bool = False) -> "Engine":
         """Load an engine file. An engine tuned on one GPU model refuses to load on another unless
         ``allow_other_gpu`` (it then runs correctly with tactics chosen for the other GPU)."""
+        dev = resolve_device(device)
         warm = None
-        if resolve_device(device).type == "cuda" and read_manifest(path).get("kernels"):
+        if dev.type == "cuda" and read_manifest(path).get("kernels"):
             warm = kernel_store.prewarm()  # Triton's first-launch work, while the weights load
         f = read_engine(path)
         backend = f.manifest.get("backend", "reference")
         if backend != "reference":
             raise EngineFileError(f"engine '{os.fspath(path)}' needs backend '{backend}', which this ember "
                                   "does not have; rebuild it for this machine")
-        dev = resolve_device(device)
         if dev.type == "cuda" and not allow_other_gpu:
             p = torch.cuda.get_device_properties(dev)
             check_same_gpu(f.manifest, p.name, f"{p.major}.{p.minor}", os.fspath(path))
