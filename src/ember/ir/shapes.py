@@ -127,6 +127,13 @@ class Sym:
 Dim = Union[int, Sym]
 
 
+def as_symbol(d: "Dim") -> "str | None":
+    """The name of ``d`` when it is exactly one named symbol (``batch``), else None."""
+    if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
+        return d.terms[0][0][0]
+    return None
+
+
 def parse_dim(text: "str | int") -> Dim:
     """'batch' -> Sym, '3' -> 3, '' / '?' -> a fresh unknown symbol is the caller's job."""
     if isinstance(text, int):

@@ -13,7 +13,7 @@ import torch
 from ..errors import EngineFileError, InputError
 from ..ir.dtypes import DType, to_numpy
 from ..ir.graph import Graph, Value
-from ..ir.shapes import Sym
+from ..ir.shapes import as_symbol
 from ..ops.torch_types import from_torch, to_numpy_value, to_torch_value
 from . import kernel_store
 from .format import read_engine, read_manifest, read_members, write_engine
@@ -189,9 +189,8 @@ class Engine:
                     if isinstance(want, int) and d != want:
                         raise InputError(f"input '{name}' has size {d} at axis {i}; the engine expects {want} "
                                          f"({_spec(v)})")
-                    if isinstance(want, Sym) and len(want.terms) == 1 and want.terms[0][1] == 1 \
-                            and len(want.terms[0][0]) == 1:
-                        sym = want.terms[0][0][0]
+                    sym = as_symbol(want)
+                    if sym is not None:
                         if sym in bound and bound[sym][0] != d:
                             raise InputError(
                                 f"dim '{sym}' is {bound[sym][0]} in input '{bound[sym][1]}' but {d} in input "

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..ir.graph import Graph, Node
-from ..ir.shapes import Sym
+from ..ir.shapes import Sym, as_symbol
 from ..ops import OpContext, OpDef, get
 from ..ops.torch_types import to_torch
 
@@ -81,8 +81,8 @@ def _input_dims(graph: Graph, feeds: dict[str, Any]) -> Optional[dict[str, int]]
         if not isinstance(x, torch.Tensor) or v.shape is None or len(v.shape) != x.dim():
             continue
         for d, n in zip(v.shape, x.shape):
-            if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-                name = d.terms[0][0][0]
+            name = as_symbol(d)
+            if name is not None:
                 if env.setdefault(name, int(n)) != int(n):
                     return None
             elif isinstance(d, int) and d != n:
