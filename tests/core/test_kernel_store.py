@@ -7,7 +7,7 @@ import pytest
 
 import ember
 from ember.errors import EngineFileError
-from ember.runtime import kernel_store
+from ember.kernels import kernel_store
 from ember.runtime.format import read_manifest, read_members
 
 from .helpers import add_mul_model, save

@@ -17,10 +17,10 @@ from ..frontend.onnx import import_onnx
 from ..ir.dtypes import DType
 from ..ir.graph import Graph
 from ..ir.verify import verify
+from ..kernels import kernel_store
 from ..ops import known_ops
 from ..ops.infer import infer_shapes
 from ..passes.rewrite import remove_unused_initializers
-from ..runtime import kernel_store
 from ..runtime.engine import Engine, host_info, resolve_device
 from .memory import check_workspace, plan_memory, plan_specialization
 from .precision import convert_precision

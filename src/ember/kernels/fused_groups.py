@@ -27,7 +27,7 @@ import torch
 
 from ..ir.graph import Graph, Node, Value
 from ..ops.torch_types import to_torch
-from ..runtime.kernel_store import note
+from .kernel_store import note
 from .triton_codegen import LOOP_BLOCK, MAX_BLOCK, Program, build_program, generate_source
 from .triton_ops import ELEM, Unsupported
 

@@ -14,7 +14,7 @@ import torch
 
 from ..ir.graph import Node
 from ..ops.nn import pool_geometry, window
-from ..runtime.kernel_store import note
+from .kernel_store import note
 from . import tactic
 
 try:

@@ -29,7 +29,7 @@ import torch
 
 from ..ir.dtypes import DType
 from ..ir.graph import Node
-from ..runtime.kernel_store import note
+from .kernel_store import note
 
 try:
     import triton

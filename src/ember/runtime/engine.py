@@ -14,8 +14,8 @@ from ..errors import EngineFileError, InputError
 from ..ir.dtypes import DType, to_numpy
 from ..ir.graph import Graph, Value
 from ..ir.shapes import as_symbol
+from ..kernels import kernel_store
 from ..ops.torch_types import from_torch, to_numpy_value, to_torch_value
-from . import kernel_store
 from .format import read_engine, read_manifest, read_members, write_engine
 from .interpreter import Interpreter
 
