@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..ir.graph import Node
+from ..ops.registry import LoadOnce
 
 RunFn = Callable[[list, dict, Any], Any]  # (inputs, attrs, OpContext) -> outputs
 
@@ -61,16 +62,14 @@ def get_tactic(name: str) -> Optional[Tactic]:
     return TACTICS.get(name)
 
 
-_loaded = False
+def _register_tactics() -> None:
+    from . import vendor  # noqa: F401  (registers the vendor tactics)
+    from . import pool  # noqa: F401  (pooling tactics)
+    from . import triton_templates  # noqa: F401  (registers the Triton GEMM/conv template tactics)
 
 
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import vendor  # noqa: F401  (registers the vendor tactics)
-        from . import pool  # noqa: F401  (pooling tactics)
-        from . import triton_templates  # noqa: F401  (registers the Triton GEMM/conv template tactics)
+# thread-safe and filled before anyone reads TACTICS (server instances load engines in parallel)
+_load = LoadOnce(_register_tactics)
 
 
 @dataclass

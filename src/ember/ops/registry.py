@@ -23,6 +23,7 @@ runs the reference function on meta tensors when input shapes are static.
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -40,6 +41,20 @@ class OpContext:
     node_name: str = ""
     run_graph: Optional[Callable[..., list]] = None  # run_graph(graph, inputs: list) -> list of outputs
     output_dtypes: list = field(default_factory=list)  # declared DTypes of the node's outputs (may be None)
+    # tables an op derives from host parameters (Resize's gather indices...), kept per planned step:
+    # built on the first run, reused by later ones, so no run copies host data to the device (a copy
+    # from the host cannot be captured in a CUDA graph)
+    memo: Optional[dict] = None
+
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()`` once per key and planned step (every time when the caller keeps no memo)."""
+        if self.memo is None:
+            return make()
+        try:
+            return self.memo[key]
+        except KeyError:
+            value = self.memo[key] = make()
+            return value
 
 
 @dataclass
@@ -137,15 +152,43 @@ def known_ops() -> set[str]:
     return set(REGISTRY)
 
 
-_loaded = False
+class LoadOnce:
+    """Fill a lazy registry exactly once, safely across threads.
+
+    The first caller runs ``fill`` while holding a lock; every other thread waits on that lock and
+    reads the registry only after ``fill`` has imported every module. (Marking the registry loaded
+    before its modules were imported let a second thread read it half filled: the server's model
+    instances warming up in parallel failed with ``KeyError: 'ember.Conv'``.) A call from inside
+    ``fill`` on the same thread (a module being imported asks the registry) returns at once instead
+    of recursing. If ``fill`` raises, the next call tries again.
+    """
+
+    def __init__(self, fill: Callable[[], None]):
+        self._fill = fill
+        self._lock = threading.RLock()
+        self._done = False
+        self._running = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def __call__(self) -> None:
+        if self._done:  # the common path: no lock once filled
+            return
+        with self._lock:
+            if self._done or self._running:
+                return
+            self._running = True
+            try:
+                self._fill()
+                self._done = True
+            finally:
+                self._running = False
 
 
-def _load_all() -> None:
+def _fill_registry() -> None:
     """Import every module of ember.ops so that their @op decorators run."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
     from .. import ops as pkg
 
     import_submodules(pkg, skip=("registry", "torch_types", "infer", "host_inputs"))
@@ -156,6 +199,9 @@ def _load_all() -> None:
 
     for d in REGISTRY.values():
         d.host_inputs = host_input_positions(d.name, d.input_names)
+
+
+_load_all = LoadOnce(_fill_registry)
 
 
 def import_submodules(pkg, skip: tuple[str, ...] = ()) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ...ops.registry import LoadOnce
+
 ConverterFn = Callable[["NodeBuilder"], None]  # noqa: F821  (NodeBuilder lives in importer.py)
 
 # op_type -> list of (first_opset, last_opset, fn)
@@ -37,15 +39,12 @@ def find_converter(op_type: str, opset: int) -> "ConverterFn | None":
     return None
 
 
-_loaded = False
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
+def _import_converters() -> None:
     from ...ops.registry import import_submodules
     from . import converters as pkg
 
     import_submodules(pkg)
+
+
+# thread-safe and filled before anyone reads CONVERTERS (models may be imported on several threads)
+_load_all = LoadOnce(_import_converters)
