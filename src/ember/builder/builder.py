@@ -137,6 +137,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         "device": device.type,
         "precision": config.precision,
         "opt_level": config.opt_level,
+        "builder_level": config.builder_level,  # so that `ember build --rebuild-from` can build it again
         "build_host": host_info(),
         "profiles": [{k: [list(d) for d in v] for k, v in p.items()} for p in profiles],
         "memory": memory,

@@ -44,16 +44,26 @@ def _profiles(mins: tuple[str, ...], opts: tuple[str, ...], maxs: tuple[str, ...
               help="Timing cache file; 'none' to time everything afresh.")
 @click.option("--workspace", type=float, default=None, metavar="MIB",
               help="Refuse to build if the planned activation memory at the opt shapes exceeds this.")
+@click.option("--rebuild-from", type=click.Path(exists=True, dir_okay=False), metavar="ENGINE",
+              help="Build again with the options recorded in ENGINE (precision, shapes, profiles, levels); "
+                   "MODEL must be its source ONNX. --device may differ.")
 @click.option("--debug", is_flag=True, help="Verify the graph after every optimization pass.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the optimized graph.")
 def build_cmd(model: str, output: "str | None", device: str, precision: str, shapes: tuple[str, ...],
               min_shapes: tuple[str, ...], opt_shapes: tuple[str, ...], max_shapes: tuple[str, ...],
-              opt_level: int, builder_level: int, timing_cache: str, workspace: "float | None", debug: bool,
-              verbose: bool) -> None:
+              opt_level: int, builder_level: int, timing_cache: str, workspace: "float | None",
+              rebuild_from: "str | None", debug: bool, verbose: bool) -> None:
     """Build an engine from an ONNX MODEL."""
     import ember
 
     console = Console(stderr=True)
+    if rebuild_from:  # the options recorded in the engine's manifest take the place of the flags
+        from ..tools.rebuild import recorded_build_args
+
+        ctx = click.get_current_context()
+        given = {p for p in ctx.params if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
+        precision, shapes, min_shapes, opt_shapes, max_shapes, opt_level, builder_level, device = \
+            recorded_build_args(rebuild_from, model, given, builder_level, device, console)
     t0 = time.perf_counter()
     with console.status("building…") as status:
         engine = ember.build(
