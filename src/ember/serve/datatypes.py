@@ -99,8 +99,14 @@ def serialize_bytes_tensor(arr: np.ndarray) -> bytes:
 
 
 def deserialize_bytes_tensor(raw: bytes | memoryview, count: int, name: str) -> np.ndarray:
-    out = np.empty(count, dtype=object)
     view = memoryview(raw)
+    # Every element takes at least its 4-byte length, so the body bounds the element count. Check
+    # that before allocating: a shape of [2**40] with 8 bytes of data must be a 400, not a 1 GB
+    # allocation or a MemoryError.
+    if count * 4 > len(view):
+        raise BadRequestError(f"input '{name}': a BYTES tensor of {count} elements needs at least {count * 4} bytes "
+                              f"(a 4-byte length per element), the request sent {len(view)}; check the shape")
+    out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
         if pos + 4 > len(view):

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.serve")
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+# ASCII digits only: str.isdigit() also accepts "١" (Arabic-Indic one) and "²", which int() reads as
+# 1 and 2. As in Triton, a folder whose name starts with 0 is not a version.
+_VERSION_DIR = re.compile(r"[1-9][0-9]{0,17}", re.ASCII)
+_VERSION_REQUEST = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 
 @dataclass
@@ -63,7 +67,7 @@ class ModelRepository:
 
     @staticmethod
     def version_dirs(model_dir: Path) -> dict[int, Path]:
-        return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+        return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and _VERSION_DIR.fullmatch(p.name)}
 
     @staticmethod
     def signature(model_dir: Path) -> tuple:
@@ -196,7 +200,7 @@ class ModelRepository:
             known = sorted(n for n, e in self._entries.items() if e.versions)
             raise ModelNotFoundError(f"model '{name}' is not loaded; loaded models: {known}")
         if version:
-            if not version.isdigit():
+            if not _VERSION_REQUEST.fullmatch(version):
                 raise ModelNotFoundError(f"model '{name}' has no version '{version}'; versions are integers: "
                                          f"{sorted(entry.versions)}")
             m = entry.versions.get(int(version))
