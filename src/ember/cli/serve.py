@@ -52,11 +52,20 @@ def _size(text: str) -> int:
 @click.option("--repository-poll-secs", type=float, default=15.0, show_default=True, help="Poll interval (poll mode).")
 @click.option("--auth-token-file", type=click.Path(dir_okay=False),
               help="Require 'Authorization: Bearer <token>' (token read from this file; or set EMBER_SERVE_TOKEN).")
+@click.option("--insecure", is_flag=True,
+              help="Allow binding beyond loopback (--host 0.0.0.0) without a token: anyone who can reach the port "
+              "can run, load and unload models.")
 @click.option("--max-request-size", default="64M", show_default=True, help="Largest request body accepted.")
 @click.option("--max-queue-size", type=click.IntRange(1), default=1024, show_default=True,
               help="Queue limit per model (and priority level) where the config does not set one.")
 @click.option("--max-connections", type=click.IntRange(1), default=2048, show_default=True,
               help="Concurrent HTTP requests (and gRPC calls) before the server answers 503 (RESOURCE_EXHAUSTED).")
+@click.option("--max-connections-per-client", type=click.IntRange(1), default=512, show_default=True,
+              help="Open HTTP connections one client address may hold.")
+@click.option("--header-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="Seconds a connection has to send a request's headers (and gRPC's handshake).")
+@click.option("--body-timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds a request body may stall before the connection is dropped (408).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where engines built from model.onnx are cached [default: ~/.cache/ember/serve].")
 @click.option("--strict/--no-strict", default=True, show_default=True,
@@ -67,14 +76,15 @@ def _size(text: str) -> int:
               show_default=True)
 def serve_cmd(repo: str, host: str, http_port: int, grpc_port: int, metrics_port: "int | None", no_http: bool,
               no_grpc: bool, model_control_mode: str, load_models: "tuple[str, ...]", repository_poll_secs: float,
-              auth_token_file: "str | None", max_request_size: str, max_queue_size: int, max_connections: int,
+              auth_token_file: "str | None", insecure: bool, max_request_size: str, max_queue_size: int,
+              max_connections: int, max_connections_per_client: int, header_timeout: float, body_timeout: float,
               cache_dir: "str | None", strict: bool, drain_timeout: float, log_level: str) -> None:
     """Serve the model repository REPO over HTTP and gRPC (KServe v2, Triton compatible).
 
     REPO holds one folder per model: <model>/config.yaml (or Triton's config.pbtxt) and numeric
     version folders with model.engine or model.onnx. Metrics are at /metrics on the HTTP port.
     """
-    from ember.serve import InferenceServer, ServerSettings
+    from ember.serve import InferenceServer, ServerSettings, ServeStartupError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if no_http and metrics_port is None:
@@ -85,8 +95,11 @@ def serve_cmd(repo: str, host: str, http_port: int, grpc_port: int, metrics_port
         load_models=list(load_models) or None, poll_interval_s=repository_poll_secs, auth_token=_token(auth_token_file),
         max_request_size=_size(max_request_size), max_queue_size=max_queue_size,
         cache_dir=Path(cache_dir) if cache_dir else Path.home() / ".cache" / "ember" / "serve",
-        strict=strict, drain_timeout_s=drain_timeout, max_connections=max_connections)
-    if host not in ("127.0.0.1", "localhost", "::1") and settings.auth_token is None:
-        logging.getLogger("ember.serve").warning(
-            "binding %s without --auth-token-file: anyone who can reach this port can run and load models", host)
+        strict=strict, drain_timeout_s=drain_timeout, max_connections=max_connections, insecure=insecure,
+        max_connections_per_client=max_connections_per_client, header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout)
+    try:
+        settings.check_exposure()
+    except ServeStartupError as e:
+        raise click.UsageError(str(e)) from None
     asyncio.run(InferenceServer(settings).run())

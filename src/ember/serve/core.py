@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from typing import Any
 
 from ..errors import EmberError
 from .config import ModelConfig
-from .errors import BadRequestError, ControlDisabledError, ServeError, ShuttingDownError, UnauthorizedError
+from .errors import (BadRequestError, ControlDisabledError, ServeError, ServeStartupError, ShuttingDownError,
+                     UnauthorizedError)
 from .metrics import ServerMetrics
 from .model import PLATFORM, ModelSettings, ServedModel
 from .protocol import InferRequest, InferResponse
@@ -48,10 +50,34 @@ class ServerSettings:
     max_request_size: int = 64 << 20
     max_queue_size: int = 1024  # per model and priority level, where the config says 0
     max_connections: int = 2048  # concurrent HTTP requests / gRPC calls before 503 / RESOURCE_EXHAUSTED
+    max_connections_per_client: int = 512  # open HTTP connections from one address
+    header_timeout_s: float = 10.0  # to send a request's headers (also the gRPC handshake)
+    body_timeout_s: float = 30.0  # a request body that makes no progress this long is dropped (408)
     cache_dir: Path | None = None
     strict: bool = True  # exit when a model fails to load at startup
     drain_timeout_s: float = 30.0
     gpu_metrics: bool = True
+    insecure: bool = False  # allow binding beyond loopback without a token
+
+    def check_exposure(self) -> None:
+        """Binding beyond loopback without a token opens inference, metrics and (in explicit mode) the
+        load API to the network: refuse unless the user said --insecure. gRPC's wildcard address
+        listens on IPv6 too, so "0.0.0.0" exposes both."""
+        if self.auth_token or self.insecure or is_loopback(self.host):
+            return
+        raise ServeStartupError(
+            f"refusing to bind {self.host} without a token: anyone who can reach it could run, load and unload "
+            "models. Give a token with --auth-token-file FILE (or EMBER_SERVE_TOKEN), or pass --insecure to serve "
+            "without one, or bind 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: it may resolve to anything
+        return False
 
 
 class InferenceService:

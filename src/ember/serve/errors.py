@@ -101,3 +101,8 @@ class InferenceFailedError(ServeError):
 
 class RepositoryError(EmberError):
     """The model repository or a model's configuration is invalid. Raised at load time."""
+
+
+class ServeStartupError(RepositoryError):
+    """The server could not start: a port is busy, the bind address is exposed without a token, or a
+    model failed to load with --strict."""

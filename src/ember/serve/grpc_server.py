@@ -282,7 +282,9 @@ def build_grpc_server(service: InferenceService) -> grpc.aio.Server:
     limit = service.settings.max_request_size
     interceptors = [_AuthInterceptor(service)] if service.auth_required else []
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1),
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 0),
+               # a connection must finish the HTTP/2 handshake as fast as an HTTP client its headers
+               ("grpc.server_handshake_timeout_ms", max(1, int(service.settings.header_timeout_s * 1000)))]
     server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=service.settings.max_connections)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)

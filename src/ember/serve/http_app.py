@@ -11,7 +11,7 @@ import zlib
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -54,7 +54,7 @@ class _Guard:
                 resp = _error(e.http_status, str(e), {"WWW-Authenticate": 'Bearer realm="ember"'})
                 return await resp(scope, receive, send)
         length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > self.limit:
             self.service.count_error("http", PayloadTooLargeError.reason)
             resp = _error(413, f"request body of {length} bytes exceeds the limit of {self.limit} bytes "
                                "(--max-request-size)")
@@ -93,6 +93,9 @@ def _route(service: InferenceService, fn: Handler) -> Handler:
             return _error(e.http_status, str(e))
         except EmberError as e:
             return _error(400, str(e))
+        except ClientDisconnect:  # the client went away mid-body (or a timeout / shutdown cut it): no one to answer
+            service.count_error("http", "CANCELED")
+            return Response(status_code=499)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug of ours: log it, answer 500, keep serving

@@ -20,15 +20,12 @@ from typing import Any
 import uvicorn
 
 from .core import InferenceService, ServerSettings
-from .errors import RepositoryError
+from .errors import ServeStartupError
 from .grpc_server import build_grpc_server
 from .http_app import build_http_app, build_metrics_app
+from .http_guard import ConnectionGuard, ConnectionLimits, open_connection_limit
 
 log = logging.getLogger("ember.serve")
-
-
-class ServeStartupError(RepositoryError):
-    """The server could not start: a port is busy, or a model failed to load with --strict."""
 
 
 class _Uvicorn(uvicorn.Server):
@@ -64,21 +61,28 @@ class InferenceServer:
         self.metrics_port: int | None = None
         self._stop = asyncio.Event()
         self._uvicorns: list[tuple[_Uvicorn, asyncio.Task]] = []
+        self._guards: list[ConnectionGuard] = []
         self._grpc: Any = None
         self._poll_task: asyncio.Task | None = None
         self._stopped = False
 
     def _uvicorn(self, app: Any, sock: socket.socket) -> None:
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=int(self.settings.drain_timeout_s) or None,
-                                # a backstop: the app answers 503 with a JSON error first (see http_app._Guard)
-                                limit_concurrency=2 * self.settings.max_connections + 64, server_header=False)
+        s = self.settings
+        guard = ConnectionGuard(ConnectionLimits(s.header_timeout_s, s.body_timeout_s, s.max_connections_per_client,
+                                                 open_connection_limit(s.max_connections)))
+        # No limit_concurrency: uvicorn would answer 503 to every request, health probes included, once
+        # enough (even half-open) connections exist. The guard bounds connections, the app bounds requests.
+        config = uvicorn.Config(app, http=guard.protocol_class(), log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
+                                server_header=False)
+        self._guards.append(guard)
         server = _Uvicorn(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
         self._uvicorns.append((server, task))
 
     async def start(self) -> None:
         s = self.settings
+        s.check_exposure()
         self.service = service = InferenceService(s)
         socks = []
         if s.http_port is not None:
@@ -141,6 +145,8 @@ class InferenceServer:
         stops = []
         if self._grpc is not None:
             stops.append(self._grpc.stop(grace))
+        for guard in self._guards:  # idle and stalled connections go now; requests being answered finish
+            guard.drain()
         for server, task in self._uvicorns:
             server.should_exit = True
             stops.append(task)
@@ -153,6 +159,9 @@ class InferenceServer:
         except asyncio.TimeoutError:
             log.error("models did not drain within %.0f s; exiting anyway", grace)
         self._uvicorns.clear()
+        for guard in self._guards:
+            guard.close()
+        self._guards.clear()
         log.info("ember serve stopped")
 
     async def run(self) -> None:
