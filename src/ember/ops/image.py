@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..ir.graph import Node
 from .nn import compute_dtype
-from .registry import op, shape_rule
+from .registry import OpContext, op, shape_rule
 
 
 # -- Resize: coefficient tables -------------------------------------------------------------------
@@ -146,7 +146,7 @@ def _resize_plan(shape: list[int], roi, scales, sizes, axes, keep_aspect_ratio_p
 def resize(x, roi=None, scales=None, sizes=None, *, antialias: int = 0, axes: list = None,
            coordinate_transformation_mode: str = "half_pixel", cubic_coeff_a: float = -0.75,
            exclude_outside: int = 0, extrapolation_value: float = 0.0, keep_aspect_ratio_policy: str = "stretch",
-           mode: str = "nearest", nearest_mode: str = "round_prefer_floor"):
+           mode: str = "nearest", nearest_mode: str = "round_prefer_floor", ctx: OpContext = None):
     attrs = dict(antialias=antialias, coordinate_transformation_mode=coordinate_transformation_mode,
                  cubic_coeff_a=cubic_coeff_a, exclude_outside=exclude_outside, mode=mode, nearest_mode=nearest_mode)
     host = [None if t is None or t.numel() == 0 else t.detach().cpu().double().numpy().reshape(-1).tolist()
@@ -161,30 +161,44 @@ def resize(x, roi=None, scales=None, sizes=None, *, antialias: int = 0, axes: li
         if (math.isclose(scale[d], 1.0) and out[d] == y.shape[d]
                 and (pair is None or (math.isclose(pair[0], 0.0) and math.isclose(pair[1], 1.0)))):
             continue  # identity along this axis
-        y = _resize_axis(y, d, shape[d], out[d], scale[d], pair, attrs, extrapolation_value)
+        key = (d, y.dim(), shape[d], out[d], scale[d], pair, y.dtype, y.device)
+        table = (ctx.cached(key, lambda: _axis_tensors(y, d, shape[d], out[d], scale[d], pair, attrs))
+                 if ctx is not None else _axis_tensors(y, d, shape[d], out[d], scale[d], pair, attrs))
+        y = _resize_axis(y, d, out[d], table, extrapolation_value)
     return _cast_back(y, x.dtype)
 
 
-def _resize_axis(y: torch.Tensor, d: int, in_len: int, out_len: int, scale: float, roi, attrs: dict,
-                 extrapolation_value: float) -> torch.Tensor:
+def _axis_tensors(y: torch.Tensor, d: int, in_len: int, out_len: int, scale: float, roi, attrs: dict) -> tuple:
+    """The gather indices and weights of one axis as device tensors: made once per planned step
+    (OpContext.cached), so a run copies nothing from the host and can be captured in a CUDA graph."""
+    if out_len == 0:
+        return None, [], None
+    idx, w, extrap = _axis_table(in_len, out_len, scale, roi, attrs)
+    view = [1] * y.dim()
+    view[d] = out_len
+    mask = torch.as_tensor(extrap, device=y.device).reshape(view) if extrap is not None and extrap.any() else None
+    if attrs["mode"] == "nearest" and np.all((w == 0) | (w == 1)):
+        pick = idx[np.arange(out_len), w.argmax(axis=1)]
+        return torch.as_tensor(pick, device=y.device), [], mask
+    taps = [(torch.as_tensor(idx[:, t], device=y.device),
+             torch.as_tensor(w[:, t], dtype=y.dtype, device=y.device).reshape(view)) for t in range(w.shape[1])]
+    return None, taps, mask
+
+
+def _resize_axis(y: torch.Tensor, d: int, out_len: int, table: tuple, extrapolation_value: float) -> torch.Tensor:
+    pick, taps, mask = table
     if out_len == 0:
         shape = list(y.shape)
         shape[d] = 0
         return y.new_empty(shape)
-    idx, w, extrap = _axis_table(in_len, out_len, scale, roi, attrs)
-    view = [1] * y.dim()
-    view[d] = out_len
-    if attrs["mode"] == "nearest" and np.all((w == 0) | (w == 1)):
-        pick = idx[np.arange(out_len), w.argmax(axis=1)]
-        res = torch.index_select(y, d, torch.as_tensor(pick, device=y.device))
+    if pick is not None:
+        res = torch.index_select(y, d, pick)
     else:
         res = None
-        for t in range(w.shape[1]):
-            g = torch.index_select(y, d, torch.as_tensor(idx[:, t], device=y.device))
-            term = g * torch.as_tensor(w[:, t], dtype=y.dtype, device=y.device).reshape(view)
+        for index, weight in taps:
+            term = torch.index_select(y, d, index) * weight
             res = term if res is None else res + term
-    if extrap is not None and extrap.any():
-        mask = torch.as_tensor(extrap, device=y.device).reshape(view)
+    if mask is not None:
         res = res.masked_fill(mask, extrapolation_value)
     return res
 

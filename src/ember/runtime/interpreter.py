@@ -1,13 +1,14 @@
-"""The reference runtime: executes an IR graph node by node with the ops' torch reference functions.
+"""The step runtime: executes the plan of an input signature (see specialize.py) step by step.
 
 Works on CPU and CUDA. Values live in an environment keyed by name; each value is dropped after
-its last use so peak memory tracks the live set, not the whole graph.
+its last use so peak memory tracks the live set, not the whole graph. The execution context
+(context.py) runs the same steps, capturing them into CUDA graphs.
 """
 from __future__ import annotations
 
 import threading
 from collections import ChainMap, OrderedDict
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -16,7 +17,9 @@ from ..ir.graph import Graph
 from ..kernels import BoundTactic, bind_tactic
 from ..ops import OpContext, get
 from ..ops.torch_types import tensor_from_numpy
-from .specialize import HOST_LIMIT, Specialization, Step, assign_frees, fuse_steps, signature_of, specialize
+from . import mathmode
+from .specialize import (HOST_LIMIT, Specialization, Step, Tail, assign_frees, fuse_steps, signature_of,
+                         specialize, specialize_tail, value_inputs)
 
 
 def _plan_steps(graph: Graph) -> list[Step]:
@@ -31,9 +34,11 @@ class Interpreter:
     """Runs a graph (and its subgraphs) on one device."""
 
     def __init__(self, graph: Graph, device: "str | torch.device" = "cpu",
-                 weights: "dict[str, torch.Tensor] | None" = None, fuse_groups: "bool | str" = True):
+                 weights: "dict[str, torch.Tensor] | None" = None, fuse_groups: "bool | str" = True,
+                 math: "mathmode.MathMode | None" = None):
         self.graph = graph
         self.device = torch.device(device)
+        self.math = math  # the engine's math mode, applied while its kernels launch (mathmode.py)
         self._plans: dict[int, list[Step]] = {}
         # constants of every scope, on the device once
         self.consts: dict[str, torch.Tensor] = {}
@@ -45,13 +50,13 @@ class Interpreter:
                     self.consts[name] = tensor_from_numpy(v.data, self.device)
         # tactics chosen at build time (node.meta['tactic']), bound to this device
         self.bound: dict[str, BoundTactic] = {}
-        self.fallbacks: list[str] = []  # nodes whose tactic cannot run here (reference used)
+        self.fallbacks: list[str] = []  # "node (op): tactic" chosen at build time that cannot run here
         for n in graph.nodes:
             b = bind_tactic(n, self.device, self.consts)
             if b is not None:
                 self.bound[n.name] = b
             elif n.meta.get("tactic", "reference") != "reference":
-                self.fallbacks.append(f"{n.name} ({n.meta['tactic']})")
+                self.fallbacks.append(f"{n.name} ({n.op}): tactic {n.meta['tactic']}")
         # CPU copies of small constants: shape arithmetic reads them on the host
         self.small_consts = {k: (t if t.device.type == "cpu" else t.cpu()) for k, t in self.consts.items()
                              if t.numel() <= HOST_LIMIT}
@@ -63,6 +68,7 @@ class Interpreter:
             from ..kernels.fused_groups import lower_groups
 
             self.group_kernels = lower_groups(graph, self.groups_skipped)
+        self.value_inputs = value_inputs(graph)  # inputs whose values key the plan (shape tensors)
         self.specializations: "OrderedDict[tuple, Specialization]" = OrderedDict()
         self.max_specializations = 64
         self._spec_lock = threading.Lock()
@@ -73,19 +79,14 @@ class Interpreter:
             p = self._plans[id(g)] = _plan_steps(g)
         return p
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        spec = self.specialization(feeds)
-        env: Any = ChainMap(dict(feeds), spec.host, self.consts)
-        self.execute(spec.steps, env)
-        return {v.name: env[v.name] for v in self.graph.outputs}
-
+    # -- planning -----------------------------------------------------------------------------------
     def specialization(self, feeds: dict[str, Any]) -> Specialization:
         """The plan of this input signature: shape arithmetic done once on the host, then cached."""
-        sig = signature_of(self.graph, feeds)
+        sig = signature_of(self.graph, feeds, self.value_inputs)
         with self._spec_lock:  # contexts of one engine share this cache across threads
             spec = self.specializations.get(sig)
             if spec is None:
-                spec = specialize(self.graph, feeds, self.small_consts, self.device)
+                spec = specialize(self.graph, feeds, self.small_consts, self.device, self.value_inputs)
                 if self.group_kernels:
                     fuse_steps(self.graph, spec, self.group_kernels)
                 self.specializations[sig] = spec
@@ -95,6 +96,38 @@ class Interpreter:
                 self.specializations.move_to_end(sig)
         return spec
 
+    def tail_specialization(self, tail: Tail, env: Any) -> Specialization:
+        """The plan of a tail for the tensors reaching it in ``env`` (cached per their signature)."""
+        sig = tail.signature(env)
+        with tail.lock:
+            spec = tail.plans.get(sig)
+            if spec is None:
+                spec = specialize_tail(self.graph, tail, env, self.small_consts, self.device)
+                if self.group_kernels:
+                    fuse_steps(self.graph, spec, self.group_kernels)
+                tail.plans[sig] = spec
+                if len(tail.plans) > tail.max_plans:
+                    tail.plans.popitem(last=False)
+            else:
+                tail.plans.move_to_end(sig)
+        return spec
+
+    # -- running ------------------------------------------------------------------------------------
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        with mathmode.applied(self.math, self.device):
+            spec = self.specialization(feeds)
+            env: Any = ChainMap(dict(feeds), spec.host, self.consts)
+            self.run_spec(spec, env)
+        return {v.name: env[v.name] for v in self.graph.outputs}
+
+    def run_spec(self, spec: Specialization, env: Any) -> None:
+        """Execute a plan and the plans of its tails in ``env``."""
+        self.execute(spec.steps, env)
+        while spec.tail is not None:
+            spec = self.tail_specialization(spec.tail, env)
+            env.maps.insert(1, spec.host)
+            self.execute(spec.steps, env)
+
     def run_graph(self, g: Graph, inputs: list, outer: "dict[str, Any] | None") -> list:
         env: Any = ChainMap({}, outer if outer is not None else self.consts)
         for v, x in zip(g.inputs, inputs):
@@ -103,17 +136,20 @@ class Interpreter:
         self.execute(self._plan(g), env)
         return [env[v.name] for v in g.outputs]
 
-    def execute(self, steps: "list[Any]", env: Any) -> None:
-        """Run steps (objects with node, opdef, inputs, outputs, free_after) in ``env``, in place."""
+    def execute(self, steps: "list[Any]", env: Any, at: Optional[list] = None) -> None:
+        """Run steps (objects with node, opdef, inputs, outputs, free_after) in ``env``, in place.
+        ``at``: if given, ``at[0]`` is kept at the index of the step running (to name a failing one)."""
 
         def run_sub(sub: Graph, sub_inputs: list) -> list:
             return self.run_graph(sub, sub_inputs, env)
 
-        for step in steps:
-            bound = self.bound.get(step.node.name)
+        for i, step in enumerate(steps):
+            if at is not None:
+                at[0] = i
+            bound = self.bound.get(step.node.name) if step.opdef is not None else None
             keys = step.inputs
             if bound is not None and bound.remap:
-                keys = [bound.remap.get(i, k) for i, k in enumerate(keys)]
+                keys = [bound.remap.get(j, k) for j, k in enumerate(keys)]
             try:
                 args = [env[n] if n is not None else None for n in keys]
             except KeyError as e:
@@ -122,17 +158,17 @@ class Interpreter:
                 ) from None
             if self.on_step is not None:
                 self.on_step(step, args)
-                if self.bound.get(step.node.name) is not bound:  # the hook chose a tactic (the tuner)
+                if step.opdef is not None and self.bound.get(step.node.name) is not bound:  # the hook chose a tactic
                     bound = self.bound.get(step.node.name)
-                    keys = step.inputs if bound is None else [bound.remap.get(i, k) for i, k in enumerate(step.inputs)]
+                    keys = step.inputs if bound is None else [bound.remap.get(j, k) for j, k in enumerate(step.inputs)]
                     args = [env[n] if n is not None else None for n in keys]
-            if step.kernel is not None:  # a generated kernel for a whole fusion group
+            if step.kernel is not None:  # a generated kernel for a whole fusion group, or plan glue
                 env[step.outputs[0]] = step.kernel(*args)
                 for name in step.free_after:
                     env.maps[0].pop(name, None)
                 continue
             ctx = OpContext(num_outputs=len(step.outputs), node_name=step.node.name, run_graph=run_sub,
-                            output_dtypes=[o.dtype for o in step.node.outputs])
+                            output_dtypes=[o.dtype for o in step.node.outputs], memo=step.memo)
             try:
                 if bound is not None:
                     result = bound.run(args, bound.attrs, ctx)
