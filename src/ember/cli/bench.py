@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import EmberError, InputError
-from .common import load_engine_or_model, make_feeds, parse_shapes
+from .common import load_engine_or_model, make_console, make_feeds, parse_shapes
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
@@ -54,7 +54,7 @@ def bench_cmd(model: str, warmup_ms: float, duration_s: float, min_iterations: i
               device: str, precision: Optional[str], opt_level: Optional[int], dump_profile: bool,
               profile_runs: int, export_json: Optional[str], seed: int) -> None:
     """Measure throughput and latency of an engine (or an ONNX model, built in memory)."""
-    console = Console()
+    console = make_console()
     t0 = time.perf_counter()
     shape_map = parse_shapes(shapes)
     engine = _load(model, device, precision, opt_level, shape_map)

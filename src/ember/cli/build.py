@@ -5,10 +5,9 @@ import os
 import time
 
 import click
-from rich.console import Console
 
 from ..errors import EmberError
-from .common import parse_shapes
+from .common import make_console, parse_shapes
 
 
 def _profiles(mins: tuple[str, ...], opts: tuple[str, ...], maxs: tuple[str, ...]) -> list[dict]:
@@ -56,7 +55,7 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
     """Build an engine from an ONNX MODEL."""
     import ember
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if rebuild_from:  # the options recorded in the engine's manifest take the place of the flags
         from ..tools.rebuild import recorded_build_args
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 import click
-from rich.console import Console
+
+from .common import make_console
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -25,7 +26,7 @@ def check_cmd(model: str, as_json: bool, profile: tuple[str, ...], opt_level: in
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        con = Console()
+        con = make_console()
         for f in report.findings:
             if f.severity == "info" and not verbose:
                 continue

@@ -1,13 +1,33 @@
 """Shared pieces of the CLI: parsing --shapes/--input, loading a model or engine, random inputs."""
 from __future__ import annotations
 
+import difflib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
 from ..errors import EmberError, InputError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+# wide enough for any table; rich's default off a terminal is 80 columns, which cuts tables mid-word
+UNBOUNDED_WIDTH = 1 << 15
+
+
+def make_console(stderr: bool = False) -> "Console":
+    """The rich Console every command prints through. On a terminal it fits the window; written to a
+    pipe or a file (CI logs, `| less`, `> report.txt`) tables print in full rather than cut at 80
+    columns. A COLUMNS set in the environment still wins."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, width=UNBOUNDED_WIDTH)
+    return console
 
 
 def parse_shapes(items: "tuple[str, ...] | list[str]") -> dict[str, tuple[int, ...]]:
@@ -88,38 +108,8 @@ def concrete_shape(spec, shapes: dict[str, tuple[int, ...]], bound: dict[str, in
 
 def make_feeds(engine, input_args: "tuple[str, ...]", shapes: dict[str, tuple[int, ...]],
                seed: int = 0) -> dict[str, np.ndarray]:
-    """--input name=file.npy | name=random | inputs.npz; inputs not given are random."""
-    feeds: dict[str, np.ndarray] = {}
-    random_names: set[str] = set()
-    names = {s.name for s in engine.inputs}
-    for arg in input_args:
-        name, sep, value = arg.partition("=")
-        if not sep:
-            if not os.path.isfile(arg):
-                raise InputError(f"--input {arg}: no such file; write NAME=FILE.npy, NAME=random or FILE.npz")
-            try:
-                with np.load(arg, allow_pickle=False) as z:
-                    if not hasattr(z, "files"):
-                        raise InputError(f"--input {arg}: a bare file must be an .npz keyed by input name")
-                    for k in z.files:
-                        if k in names:
-                            feeds[k] = z[k]
-                        else:  # an .npz often carries labels beside the inputs
-                            click.echo(f"note: ignoring '{k}' from {arg}: the model has no input of that name",
-                                       err=True)
-            except (ValueError, OSError) as e:
-                raise InputError(f"--input {arg}: cannot read it as .npz ({e})") from None
-            continue
-        if name not in names:
-            raise InputError(f"--input {arg}: the model has no input '{name}'; its inputs: "
-                             + ", ".join(str(s) for s in engine.inputs))
-        if value == "random":
-            random_names.add(name)
-            continue
-        try:
-            feeds[name] = np.load(value, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise InputError(f"--input {arg}: cannot read '{value}' as .npy ({e})") from None
+    """--input name=file.npy | name=random | inputs.npz | file.npy; inputs not given are random."""
+    feeds = read_inputs(input_args, {s.name: str(s) for s in engine.inputs})
     rng = np.random.default_rng(seed)
     bound: dict[str, int] = {}
     for spec in engine.inputs:  # bind symbolic dims from the arrays given
@@ -131,6 +121,103 @@ def make_feeds(engine, input_args: "tuple[str, ...]", shapes: dict[str, tuple[in
         if spec.name not in feeds:
             feeds[spec.name] = random_input(spec, concrete_shape(spec, shapes, bound), rng)
     return feeds
+
+
+def read_inputs(input_args: "tuple[str, ...] | list[str]", inputs: dict[str, str]) -> dict[str, np.ndarray]:
+    """The arrays that --input arguments give, keyed by input name (inputs not given are left out).
+
+    ``inputs`` maps each input name of the model to how it is shown in messages ("x: float32[batch,4]").
+    NAME=FILE.npy binds one input; NAME=random asks for random data; a bare FILE.npy binds the
+    model's only input; a bare FILE.npz binds its arrays by key. An .npz may carry arrays that are no
+    input (labels beside the images): they are ignored with a note, unless some input is left without
+    data, because then the key was most likely meant for it (a typo) and random data would be a silent
+    wrong answer.
+    """
+    feeds: dict[str, np.ndarray] = {}
+    random_names: set[str] = set()
+    unmatched: dict[str, str] = {}  # .npz key that is no input -> the file it came from
+    for arg in input_args:
+        name, sep, value = arg.partition("=")
+        if not sep:
+            _read_bare_file(arg, inputs, feeds, unmatched)
+            continue
+        if name not in inputs:
+            raise InputError(f"--input {arg}: the model has no input '{name}'{_did_you_mean(name, inputs)}; "
+                             f"its inputs: {_listing(inputs)}")
+        if value == "random":
+            random_names.add(name)
+            feeds.pop(name, None)
+            continue
+        feeds[name] = _read_one_array(arg, value)
+    left = [n for n in inputs if n not in feeds and n not in random_names]
+    if unmatched and left:
+        raise InputError(_unmatched_message(unmatched, left, inputs))
+    for key, path in unmatched.items():  # an .npz often carries labels beside the inputs
+        click.echo(f"note: ignoring '{key}' from {path}: the model has no input of that name", err=True)
+    return feeds
+
+
+def _read_bare_file(arg: str, inputs: dict[str, str], feeds: dict[str, np.ndarray],
+                    unmatched: dict[str, str]) -> None:
+    if not os.path.isfile(arg):
+        raise InputError(f"--input {arg}: no such file; write NAME=FILE.npy, NAME=random, FILE.npz "
+                         f"(keyed by input name), or FILE.npy for a model with one input")
+    loaded = _np_load(arg, arg)
+    if isinstance(loaded, np.ndarray):
+        if len(inputs) != 1:
+            raise InputError(f"--input {arg}: a bare .npy holds one array, and the model has {len(inputs)} "
+                             f"inputs ({_listing(inputs)}); say which one it is: --input NAME={arg}, e.g. "
+                             f"--input {next(iter(inputs), 'NAME')}={arg}")
+        feeds[next(iter(inputs))] = loaded
+        return
+    with loaded as z:
+        for key in z.files:
+            if key in inputs:
+                feeds[key] = z[key]
+            else:
+                unmatched[key] = arg
+
+
+def _read_one_array(arg: str, path: str) -> np.ndarray:
+    loaded = _np_load(arg, path)
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded as z:
+        if len(z.files) == 1:
+            return z[z.files[0]]
+        raise InputError(f"--input {arg}: '{path}' is an .npz with {len(z.files)} arrays "
+                         f"({', '.join(z.files) or 'none'}); give one array as NAME=FILE.npy, or pass the "
+                         f".npz alone (--input {path}) to bind its arrays by key")
+
+
+def _np_load(arg: str, path: str) -> Any:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"--input {arg}: cannot read '{path}' as .npy or .npz ({e})") from None
+
+
+def _listing(inputs: dict[str, str]) -> str:
+    return ", ".join(inputs.values()) or "none"
+
+
+def _did_you_mean(name: str, candidates: "dict[str, str] | list[str]") -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unmatched_message(unmatched: dict[str, str], left: list[str], inputs: dict[str, str]) -> str:
+    files = sorted(set(unmatched.values()))
+    lines = [f"--input {', '.join(files)}: array(s) {', '.join(repr(k) for k in unmatched)} match no input of "
+             f"the model, and input(s) {', '.join(repr(n) for n in left)} would get random data."]
+    for name in left:
+        close = difflib.get_close_matches(name, list(unmatched), n=1, cutoff=0.5)
+        if close:
+            lines.append(f"  did you mean '{close[0]}' for input '{name}'? Rename the key in "
+                         f"{unmatched[close[0]]} (np.savez(path, {name}=array)) or pass --input {name}=FILE.npy")
+    lines.append(f"  the model's inputs: {_listing(inputs)}")
+    lines.append("  to run with random data for an input anyway, add --input NAME=random for it")
+    return "\n".join(lines)
 
 
 def summarize(name: str, a: Any) -> list[str]:

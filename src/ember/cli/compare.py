@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from ..tools.compare import ERROR_STATS
+from .common import make_console
 
 
 def _dims(items: tuple[str, ...]) -> dict[str, int]:
@@ -20,22 +20,22 @@ def _dims(items: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def _inputs(items: tuple[str, ...]) -> dict:
-    import numpy as np
+def _model_inputs(proto) -> dict[str, str]:
+    """The graph inputs of an ONNX model that are not initializers, shown as 'name: dtype[dims]'."""
+    from onnx import helper
 
-    from ..errors import InputError
-
+    inits = {t.name for t in proto.graph.initializer}
     out = {}
-    for it in items:
-        name, sep, path = it.partition("=")
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
         try:
-            if sep:
-                out[name] = np.load(path, allow_pickle=False)
-            else:
-                with np.load(it, allow_pickle=False) as z:
-                    out.update({k: z[k] for k in z.files})
-        except (OSError, ValueError) as e:
-            raise InputError(f"--input {it}: cannot read it ({e}); write NAME=FILE.npy or FILE.npz") from None
+            dtype = str(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else "?"
+        except (KeyError, ValueError):
+            dtype = "?"
+        dims = ",".join(d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tt.shape.dim)
+        out[vi.name] = f"{vi.name}: {dtype}[{dims}]" if tt.HasField("shape") else f"{vi.name}: {dtype}"
     return out
 
 
@@ -47,7 +47,8 @@ def _inputs(items: tuple[str, ...]) -> dict:
 @click.option("--error-stat", type=click.Choice(ERROR_STATS), default="elemwise", show_default=True)
 @click.option("--quantile", default=0.99, show_default=True, type=float, help="For --error-stat quantile.")
 @click.option("--all-layers", is_flag=True, help="Compare every intermediate tensor; name the first divergent node.")
-@click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy|FILE.npz", help="Given inputs.")
+@click.option("-i", "--input", "inputs", multiple=True, metavar="[NAME=]FILE.npy|FILE.npz",
+              help="Given inputs (a bare FILE.npy for a model with one input); the rest are random.")
 @click.option("--dim", "dims", multiple=True, metavar="DIM=VALUE", help="Value of a dynamic dim for random inputs.")
 @click.option("--opt-level", type=click.IntRange(0, 3), default=2, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -56,15 +57,19 @@ def compare_cmd(model: str, engine: "str | None", atol: float, rtol: float, erro
                 all_layers: bool, inputs: tuple[str, ...], dims: tuple[str, ...], opt_level: int, seed: int,
                 as_json: bool) -> None:
     """Run ember (MODEL built here, or ENGINE) and ONNX Runtime on the same inputs; exit 1 on mismatch."""
+    from ..frontend.onnx import load_model
     from ..tools.compare import compare_models
+    from .common import read_inputs
 
-    r = compare_models(model, engine, atol=atol, rtol=rtol, error_stat=error_stat, quantile=quantile,
-                       inputs=_inputs(inputs), dims=_dims(dims), seed=seed, all_layers=all_layers,
-                       opt_level=opt_level)
+    proto, _ = load_model(model)  # loaded once: its input names bind the --input files
+    r = compare_models(proto, engine, atol=atol, rtol=rtol, error_stat=error_stat, quantile=quantile,
+                       inputs=read_inputs(inputs, _model_inputs(proto)), dims=_dims(dims), seed=seed,
+                       all_layers=all_layers, opt_level=opt_level)
+    r.source = model
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=2))
     else:
-        con = Console()
+        con = make_console()
         t = Table(title=f"ember vs ONNX Runtime ({error_stat}, atol {atol:g}, rtol {rtol:g})", title_justify="left")
         for col in ("output", "shape", "max abs", "mean abs", "max rel", "mean rel", "cosine", "result"):
             t.add_column(col)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 
 import click
-from rich.console import Console
 from rich.table import Table
+
+from .common import make_console
 
 
 def _shape(v) -> str:
@@ -28,7 +29,7 @@ def inspect_cmd(model: str, as_json: bool, opt_level: int) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    con = Console()
+    con = make_console()
     con.print(f"[bold]{info['source']}[/] ({info['kind']}, opt level {info['opt_level']})")
     for v in info["inputs"]:
         con.print(f"  input   {v['name']}: {_shape(v)}", markup=False, highlight=False)

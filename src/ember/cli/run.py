@@ -5,10 +5,9 @@ import time
 
 import click
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from .common import load_engine_or_model, make_feeds, parse_shapes, summarize
+from .common import load_engine_or_model, make_console, make_feeds, parse_shapes, summarize
 
 
 @click.command("run")
@@ -23,7 +22,7 @@ from .common import load_engine_or_model, make_feeds, parse_shapes, summarize
 def run_cmd(model: str, inputs: tuple[str, ...], shapes: tuple[str, ...], save: "str | None",
             save_inputs: "str | None", device: str, seed: int) -> None:
     """Run an engine (or an ONNX model, built in memory) and summarize each output."""
-    console = Console()
+    console = make_console()
     engine = load_engine_or_model(model, device=device)
     feeds = make_feeds(engine, inputs, parse_shapes(shapes), seed)
     t0 = time.perf_counter()

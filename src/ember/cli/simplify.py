@@ -5,7 +5,8 @@ import json
 import os
 
 import click
-from rich.console import Console
+
+from .common import make_console
 
 
 @click.command("simplify")
@@ -23,7 +24,7 @@ def simplify_cmd(model: str, output: "str | None", opt_level: int, no_check: boo
     if as_json:
         click.echo(json.dumps(r.to_json(), indent=2))
     else:
-        con = Console()
+        con = make_console()
         con.print(f"[bold green]wrote[/] {out}: {r.nodes_in} -> {r.nodes_out} nodes")
         gone = sorted(set(r.op_counts_in) - set(r.op_counts_out))
         if gone:
