@@ -89,6 +89,7 @@ def check_engine(manifest: Any, host: dict[str, Any], *, gpu_index: Optional[int
         else:
             problems += gpu_problems(manifest, gpu, allow_other_gpu=allow_other_gpu, rebuild=rebuild)
             problems += _kernel_problems(m, host, members)
+            problems += _cuda_version_problems(m, host, rebuild)
     elif m.str("device") == "cpu" and gpus:
         problems.append(Problem(
             "untuned_for_gpu", WARNING, "the engine was built on the CPU: its tactics were not timed on "
@@ -110,21 +111,28 @@ def gpu_problems(manifest: dict[str, Any], gpu: dict[str, Any], *, allow_other_g
     if m.str("device") != "cuda":
         return []
     out: list[Problem] = []
-    built_name, built_cap = m.str("build_host.gpu.name"), m.str("build_host.gpu.capability")
     name, cap = gpu.get("name"), gpu.get("capability")
     severity = WARNING if allow_other_gpu else ERROR
     other = (" Engine.load(path, allow_other_gpu=True) runs it anyway, with the other GPU's tactics."
              if not allow_other_gpu else "")
-    if built_name is not None and name is not None and built_name != name:
-        out.append(Problem("gpu_model", severity,
-                           f"built and tuned on {built_name}; this GPU is {name}",
-                           f"rebuild it here: {rebuild}.{other}"))
-    if built_cap is not None and cap is not None and built_cap != cap:
-        out.append(Problem("capability", severity,
-                           f"built for compute capability {built_cap} (sm_{built_cap.replace('.', '')}); this GPU "
-                           f"has {cap} (sm_{str(cap).replace('.', '')}): its compiled kernels and tactics are "
-                           "for the other architecture",
-                           f"rebuild it here: {rebuild}.{other}"))
+    built = m.get("build_host.gpu")
+    if built:  # an engine that records its GPU runs on that GPU model only (an engine that does not: anywhere)
+        rec = built if isinstance(built, dict) else {}
+        built_name = rec.get("name") if isinstance(rec.get("name"), str) else None
+        built_cap = rec.get("capability") if isinstance(rec.get("capability"), str) else None
+        if name is not None and built_name != name:
+            out.append(Problem("gpu_model", severity,
+                               f"built and tuned on {built_name}; this GPU is {name}" if built_name else
+                               f"the manifest does not name the GPU it was tuned on (field build_host.gpu.name); "
+                               f"this GPU is {name}", f"rebuild it here: {rebuild}.{other}"))
+        if cap is not None and built_cap != cap:
+            out.append(Problem("capability", severity,
+                               f"built for compute capability {built_cap} (sm_{built_cap.replace('.', '')}); this "
+                               f"GPU has {cap} (sm_{str(cap).replace('.', '')}): its compiled kernels and tactics "
+                               "are for the other architecture" if built_cap else
+                               "the manifest does not record the compute capability it was built for (field "
+                               f"build_host.gpu.capability); this GPU has {cap}",
+                               f"rebuild it here: {rebuild}.{other}"))
     precision = m.str("precision") or ""
     need = MIN_CAPABILITY.get(precision)
     have = _capability(cap)
@@ -217,8 +225,9 @@ def _kernel_problems(m: "_Manifest", host: dict[str, Any], members: Optional[Ite
     kernels = m.get("kernels")
     built_triton = kernels.get("triton") if isinstance(kernels, dict) else None
     count = kernels.get("count") if isinstance(kernels, dict) else None
-    generated = sum(n for t, n in (m.get("tactics") or {}).items()
-                    if isinstance(t, str) and t.startswith("triton") and isinstance(n, int))
+    tactics = m.get("tactics") if isinstance(m.get("tactics"), dict) else {}
+    generated = sum(n for t, n in tactics.items() if isinstance(t, str) and t.startswith("triton")
+                    and isinstance(n, int))
     uses_triton = bool(built_triton) or generated > 0
     triton = host.get("triton")
     if uses_triton and "triton" in host and not triton:
@@ -257,10 +266,11 @@ def _kernel_problems(m: "_Manifest", host: dict[str, Any], members: Optional[Ite
     return out
 
 
-def _version_problems(m: "_Manifest", host: dict[str, Any], rebuild: str) -> list[Problem]:
+def _cuda_version_problems(m: "_Manifest", host: dict[str, Any], rebuild: str) -> list[Problem]:
+    """A CUDA engine on a usable GPU: the libraries its tactics were timed with."""
     out: list[Problem] = []
     built_torch, torch = m.str("torch_version"), host.get("torch")
-    if built_torch and torch and built_torch != torch and m.str("device") == "cuda":
+    if built_torch and torch and built_torch != torch:
         out.append(Problem("torch_version", WARNING,
                            f"its tactics were timed with torch {built_torch}; this is torch {torch}",
                            f"pip install torch=={_release_text(built_torch)} to run it as built, or rebuild it "
@@ -270,6 +280,11 @@ def _version_problems(m: "_Manifest", host: dict[str, Any], rebuild: str) -> lis
         out.append(Problem("cuda_version", WARNING,
                            f"built with CUDA {built_cuda}; torch here uses CUDA {runtime}",
                            f"install the torch build for CUDA {built_cuda}, or rebuild it here: {rebuild}"))
+    return out
+
+
+def _version_problems(m: "_Manifest", host: dict[str, Any], rebuild: str) -> list[Problem]:
+    out: list[Problem] = []
     built_ember, ember = m.str("ember_version"), host.get("ember")
     if built_ember and ember and _release(built_ember) > _release(ember):
         out.append(Problem("ember_version", WARNING,
