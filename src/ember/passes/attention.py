@@ -26,7 +26,7 @@ def _softmax_last(v: Value, m: Match) -> bool:
 
 
 def _producer(ed: Editor, v: Value, ops: tuple[str, ...]) -> Optional[Node]:
-    n = v.producer
+    n = ed.producer(v)
     if n is None or n.op not in ops or not ed.single_use(v):
         return None
     return n
@@ -85,7 +85,7 @@ def _peel_scale(ed: Editor, v: Value) -> tuple[Value, float]:
 
 def _k_from_kt(ed: Editor, kt: Value) -> Value:
     """K (B, H, S, D) from Kᵀ (B, H, D, S): undo the exporter's transpose when it is one."""
-    n = kt.producer
+    n = ed.producer(kt)
     if n is not None and n.op == "Transpose" and n.attrs.get("perm") is not None:
         p = list(n.attrs["perm"])
         perm = p[:-2] + [p[-1], p[-2]]

@@ -2,7 +2,9 @@
 
 Constant folding runs a node's reference function on CPU when every input is a constant, and
 stops where it would create a large tensor (an Expand of a scalar to an activation-sized
-block), so folding never multiplies the weights' size.
+block), so folding never multiplies the weights' size. Every rule here also works inside
+If/Loop/Scan bodies (rewrite.apply_rules visits them): a body folds with the constants of its
+enclosing graphs, and an If whose condition folded to a constant is replaced by its branch.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.shapes import is_static
 from ..ops import OpContext, get, known_ops
 from ..ops.torch_types import tensor_from_numpy, tensor_to_numpy
-from .rewrite import Editor, Match, P, PassContext, Rule, apply_rules, eliminate_dead_nodes, \
-    remove_unused_initializers
+from .control import INLINE_IF_RULE
+from .rewrite import Editor, Match, P, PassContext, Rule, apply_rules
+from .scope import eliminate_dead_nodes, remove_unused_initializers, tree_names
 
 # Ops whose value is not a function of their inputs, or that only make sense at run time.
 NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
@@ -74,8 +77,8 @@ def _fold_constant(ctx: PassContext):
 
 
 def fold_constants(graph: Graph, ctx: PassContext) -> bool:
-    """Evaluate nodes whose inputs are all constants."""
-    return apply_rules(graph, [_fold_constant(ctx)], ctx.log)
+    """Evaluate nodes whose inputs are all constants; inline an If whose condition is constant."""
+    return apply_rules(graph, [INLINE_IF_RULE, _fold_constant(ctx)], ctx.log)
 
 
 # -- shapes ------------------------------------------------------------------------------------------
@@ -183,29 +186,37 @@ def eliminate_common_subexpressions(graph: Graph, ctx: PassContext) -> bool:
 
 
 def merge_equal_constants(graph: Graph, max_bytes: int = 1 << 12) -> bool:
-    """Exporters emit the same small constant (axes, shapes, 1.0) many times; CSE needs them shared."""
-    seen: dict[tuple, Value] = {}
-    ed: Optional[Editor] = None
-    changed = False
-    for name, v in list(graph.initializers.items()):
-        if v.data.nbytes > max_bytes:
-            continue
-        key = (v.data.dtype.str, v.data.shape, v.data.tobytes())
-        first = seen.setdefault(key, v)
-        if first is v:
-            continue
-        if any(o is v for o in graph.outputs):
-            continue
-        ed = ed or Editor(graph)
-        ed.replace(v, first)
-        changed = True
+    """Exporters emit the same small constant (axes, shapes, 1.0) many times; CSE needs them shared.
+    A body's constant equal to one of an enclosing graph is replaced by that one (bodies see it)."""
+    changed = _merge_constants(graph, {}, max_bytes, tree_names(graph))
     if changed:
         remove_unused_initializers(graph)
     return changed
 
 
+def _merge_constants(graph: Graph, outer: dict[tuple, Value], max_bytes: int, names: set[str]) -> bool:
+    seen = dict(outer)  # constants visible here: the enclosing graphs', then this graph's
+    ed: Optional[Editor] = None
+    changed = False
+    for v in list(graph.initializers.values()):
+        if v.data.nbytes > max_bytes:
+            continue
+        key = (v.dtype, v.data.dtype.name, v.data.shape, v.data.tobytes())
+        first = seen.setdefault(key, v)
+        if first is v or any(o is v for o in graph.outputs):
+            continue
+        ed = ed or Editor(graph, names)
+        ed.replace(v, first)
+        changed = True
+    for n in graph.nodes:
+        for sg in n.subgraphs():
+            changed |= _merge_constants(sg, seen, max_bytes, names)
+    return changed
+
+
 def remove_dead_code(graph: Graph, ctx: PassContext) -> bool:
-    """Nodes whose results nobody reads, and initializers nobody reads."""
+    """Nodes whose results nobody reads, and initializers nobody reads, in the graph and every body
+    (a value or constant that only a body reads is in use)."""
     a = eliminate_dead_nodes(graph)
     b = remove_unused_initializers(graph)
     return a or b

@@ -5,6 +5,9 @@ whose every user is already in the group, so a group is a tree with one exit and
 never create a cycle. All values of a group broadcast into one iteration domain: the sink's
 shape, or the input row shape of the group's reduction (every reduction of a group reduces the
 same rows). Groups of one node are not marked. The group id goes in ``node.meta["group"]``.
+
+Bodies of If/Loop/Scan get groups of their own (ids unique across the tree); a group never
+reaches across a body's boundary into the enclosing graph.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from ..ir.shapes import broadcast_shapes
 from ..ops import get, known_ops
 from .patterns import _reduce_axes
 from .rewrite import Editor, PassContext
+from .scope import graphs_postorder, tree_names
 
 
 def _kind(n: Node) -> str:
@@ -66,12 +70,21 @@ class _Group:
 
 
 def group_fusions(graph: Graph, ctx: PassContext) -> bool:
-    """Mark fusion groups in node.meta['group']. Returns whether any group exists."""
+    """Mark fusion groups in node.meta['group'], in the graph and every body. Returns whether any exists."""
+    names = tree_names(graph)
+    count = 0
+    for g in graphs_postorder(graph):
+        count = _group(g, Editor(g, names), count)
+    if count:
+        ctx.log.append(f"group_fusions: {count} groups")
+    return count > 0
+
+
+def _group(graph: Graph, ed: Editor, count: int) -> int:
+    """Groups of one graph, numbered from ``count``. Returns the next free number."""
     for n in graph.nodes:
         n.meta.pop("group", None)
-    ed = Editor(graph)
     grouped: set[int] = set()
-    count = 0
     for sink in reversed(graph.nodes):
         if id(sink) in grouped or not _fusible(sink):
             continue
@@ -80,7 +93,7 @@ def group_fusions(graph: Graph, ctx: PassContext) -> bool:
         while work:
             n = work.pop()
             for v in n.inputs:
-                p = v.producer if v is not None else None
+                p = ed.producer(v)
                 if p is None or id(p) in grouped or id(p) in g.ids or not _fusible(p):
                     continue
                 if ed.is_output(p.outputs[0]) or not all(id(u) in g.ids for u in ed.users(p.outputs[0])):
@@ -96,12 +109,10 @@ def group_fusions(graph: Graph, ctx: PassContext) -> bool:
             count += 1
             for n in g.nodes:
                 n.meta["group"] = gid
-    if count:
-        ctx.log.append(f"group_fusions: {count} groups")
-    return count > 0
+    return count
 
 
 def count_kernels(graph: Graph) -> int:
-    """Nodes of the graph, a fusion group counted once."""
+    """Nodes of the graph, a fusion group counted once (a node with bodies counts as one)."""
     groups = {n.meta["group"] for n in graph.nodes if "group" in n.meta}
     return sum(1 for n in graph.nodes if "group" not in n.meta) + len(groups)

@@ -139,7 +139,7 @@ def _norm_affine(ed: Editor, m: Match) -> Optional[Value]:
 # -- activations -----------------------------------------------------------------------------------
 def mul_factors(ed: Editor, v: Value, root: Node, depth: int = 4) -> tuple[list[Value], list[Node]]:
     """The factors of a tree of Muls (inner Muls must be used only inside the tree)."""
-    node = v.producer
+    node = ed.producer(v)
     if node is None or node.op != "Mul" or depth == 0 or (node is not root and not ed.single_use(v)):
         return [v], []
     factors, nodes = [], [node]
@@ -161,8 +161,8 @@ def _split_factors(factors: list[Value]) -> tuple[float, list[Value]]:
     return c, rest
 
 
-def _matches(p: P, v: Value) -> Optional[Match]:
-    return next(iter(p.match(v, Match())), None)
+def _matches(ed: Editor, p: P, v: Value) -> Optional[Match]:
+    return next(iter(p.match(v, ed.match())), None)
 
 
 ERF_ARG = P.one_of(P("Div", x, P.const(where=is_scalar(2 ** 0.5))), P("Mul", x, P.const(where=is_scalar(2 ** -0.5))))
@@ -173,14 +173,14 @@ TANH_TERM = P("Add", P("Tanh", P("Mul", P.any("inner"), P.const(where=is_scalar(
 
 def _gelu_cubic(ed: Editor, inner: Value, xv: Value, root: Node) -> bool:
     """inner == x + 0.044715 * x**3 (the cube as Pow(x, 3) or x*x*x)."""
-    node = inner.producer
+    node = ed.producer(inner)
     if node is None or node.op != "Add" or xv not in node.inputs:
         return False
     other = node.inputs[1] if node.inputs[0] is xv else node.inputs[0]
-    factors, _ = mul_factors(ed, other, other.producer, 4) if other.producer is not None else ([other], [])
+    factors, _ = mul_factors(ed, other, ed.producer(other), 4) if ed.producer(other) is not None else ([other], [])
     c, rest = _split_factors(factors)
-    if len(rest) == 1 and rest[0].producer is not None and rest[0].producer.op == "Pow":
-        p = rest[0].producer
+    p = ed.producer(rest[0]) if len(rest) == 1 else None
+    if p is not None and p.op == "Pow":
         if p.inputs[0] is xv and _scalar(p.inputs[1]) == 3.0:
             rest = [xv, xv, xv]
     return abs(c - 0.044715) < 1e-5 and len(rest) == 3 and all(r is xv for r in rest)
@@ -193,10 +193,10 @@ def _gelu(ed: Editor, m: Match) -> Optional[Value]:
     if abs(c - 0.5) > 1e-4 or len(rest) != 2 or not _has("Gelu"):
         return None
     for xv, term in ((rest[0], rest[1]), (rest[1], rest[0])):
-        mt = _matches(ERF_TERM, term)
+        mt = _matches(ed, ERF_TERM, term)
         approx = "none"
         if mt is None or mt["x"] is not xv:
-            mt = _matches(TANH_TERM, term)
+            mt = _matches(ed, TANH_TERM, term)
             if mt is None or not _gelu_cubic(ed, mt["inner"], xv, root):
                 continue
             approx = "tanh"

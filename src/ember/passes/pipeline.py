@@ -7,9 +7,11 @@
     level 3  + horizontal GEMM merging (Q/K/V projections sharing an input -> one GEMM), attention on
              the (B, S, hidden) layout (head split/merge transposes absorbed)
 
-The rewriting passes repeat until none changes the graph; the final passes (fusion grouping)
-annotate the result once. In debug mode the graph is verified, and every value checked for a
-dtype, after each pass, so a broken rewrite is named the moment it happens.
+Every pass rewrites If/Loop/Scan bodies as well as the main graph (see scope.py for how bodies
+read outer values). The rewriting passes repeat until none changes the graph; the final passes
+(fusion grouping) annotate the result once. In debug mode the graph is verified (scopes
+included: no body may read a value, or a constant, that no enclosing graph holds), and every
+value checked for a dtype, after each pass, so a broken rewrite is named the moment it happens.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .gemm_merge import merge_parallel_gemms
 from .noops import remove_noops
 from .patterns import recognize_patterns
 from .rewrite import PassContext
+from .scope import check_scopes, nested_graphs
 
 Pass = Callable[[Graph, PassContext], bool]
 MAX_ROUNDS = 8
@@ -67,15 +70,20 @@ def run_pipeline(graph: Graph, opt_level: int = 2, debug: bool = False,
     return changed
 
 
+def _all_values(graph: Graph) -> list:
+    return [v for g in [graph, *nested_graphs(graph)] for v in g.values()]
+
+
 def _run(p: Pass, graph: Graph, ctx: PassContext) -> bool:
-    untyped_before = {id(v) for v in graph.values() if v.dtype is None} if ctx.debug else set()
+    untyped_before = {id(v) for v in _all_values(graph) if v.dtype is None} if ctx.debug else set()
     did = p(graph, ctx)
     if ctx.debug and did:
         try:
             verify(graph, known_ops())
+            check_scopes(graph)
         except GraphError as e:
             raise GraphError(f"pass '{p.__name__}' left a malformed graph: {e}") from None
-        for v in graph.values():
+        for v in _all_values(graph):
             if v.kind == "tensor" and v.dtype is None and id(v) not in untyped_before:
                 raise GraphError(f"pass '{p.__name__}' created value '{v.name}' without a dtype; "
                                  "build new nodes through Editor.emit so their types are inferred")

@@ -13,6 +13,12 @@ A :class:`Rule` pairs a pattern with a function ``fn(editor, match) -> Value | N
 the replacement through the :class:`Editor` and returns it (None: no rewrite). :func:`apply_rules`
 visits nodes in order, tries every rule rooted at each node's first output, and rewires the uses.
 Nodes left without users are removed at the end by dead-code elimination.
+
+Rules apply in If/Loop/Scan bodies too (ONNX Runtime's transformers must "Recurse for all valid
+Nodes"): :func:`apply_rules` sweeps every body, innermost first, then the graph. An editor edits
+one graph, and a pattern matches only that graph's nodes: a value a body reads from an enclosing
+graph is a leaf there, like an input (a body may read an outer constant's data, never rewrite or
+remove the outer node). Uses count what bodies capture (see scope.py).
 """
 from __future__ import annotations
 
@@ -23,16 +29,24 @@ import numpy as np
 
 from ..ir.graph import Graph, Node, Value
 from ..ops.infer import infer_node
+from .scope import eliminate_dead_nodes, graphs_postorder, reads, remove_unused_initializers, tree_names
+
+__all__ = ["COMMUTATIVE", "Editor", "Match", "P", "PassContext", "Rule", "apply_rules", "eliminate_dead_nodes",
+           "remove_unused_initializers"]
 
 COMMUTATIVE = {"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal"}
 
 
 class Match(dict):
-    """name -> Value, plus the nodes the pattern walked through (``match.nodes``)."""
+    """name -> Value, plus the nodes the pattern walked through (``match.nodes``).
 
-    def __init__(self, *a: Any, **kw: Any):
+    ``local``: ids of the nodes a pattern may walk through (the edited graph's); None: any node.
+    """
+
+    def __init__(self, *a: Any, local: Optional[set[int]] = None, **kw: Any):
         super().__init__(*a, **kw)
         self.nodes: list[Node] = []
+        self.local = local
 
     def node(self, name: str) -> Node:
         n = self[name].producer
@@ -43,7 +57,7 @@ class Match(dict):
         return self[name].data
 
     def copy(self) -> "Match":
-        m = Match(self)
+        m = Match(self, local=self.local)
         m.nodes = list(self.nodes)
         return m
 
@@ -103,8 +117,8 @@ class P:
             yield from self._bind(v, m)
             return
         node = v.producer
-        if node is None or v is not node.outputs[0]:
-            return
+        if node is None or v is not node.outputs[0] or (m.local is not None and id(node) not in m.local):
+            return  # (a value from an enclosing graph is a leaf: its node is not ours to rewrite)
         ops = (self.op,) if isinstance(self.op, str) else self.op
         if node.op not in ops:
             return
@@ -151,29 +165,48 @@ class Rule:
 
 
 class Editor:
-    """Edits a graph in place while keeping a use map and topological order up to date."""
+    """Edits one graph in place while keeping a use map and topological order up to date.
 
-    def __init__(self, graph: Graph):
+    ``names``: every name taken in the whole tree of graphs (shared by the editors of one sweep),
+    so a new value never takes the name of a value in an enclosing graph or a body.
+    """
+
+    def __init__(self, graph: Graph, names: Optional[set[str]] = None):
         self.graph = graph
         self.uses: dict[int, list[Node]] = {}
         self._pending: list[Node] = []
-        self._names = {v.name for v in graph.values()}
+        self._names = names if names is not None else tree_names(graph)
         self._outputs = {id(v) for v in graph.outputs}
         self._counter = 0
         self.removed: set[int] = set()
+        self.local: set[int] = {id(n) for n in graph.nodes}  # the nodes this editor may rewrite
         self.position = {id(n): i for i, n in enumerate(graph.nodes)}  # order at the sweep's start
         for n in graph.nodes:
             self._add_uses(n)
 
     # -- queries ------------------------------------------------------------------------------------
     def users(self, v: Value) -> list[Node]:
+        """Nodes of this graph that read ``v`` (directly, or through a body nested in them)."""
         return self.uses.get(id(v), [])
 
     def is_output(self, v: Value) -> bool:
         return id(v) in self._outputs
 
+    def producer(self, v: Optional[Value]) -> Optional[Node]:
+        """The node of this graph (or emitted into it) that computes ``v``; None for inputs,
+        constants and values of an enclosing graph."""
+        n = v.producer if v is not None else None
+        if n is None or (id(n) not in self.local and not any(n is p for p in self._pending)):
+            return None
+        return n
+
     def single_use(self, v: Value) -> bool:
-        return len(self.users(v)) == 1 and not self.is_output(v)
+        """``v`` is computed here and read by exactly one node (an outer value may have other users)."""
+        return self.producer(v) is not None and len(self.users(v)) == 1 and not self.is_output(v)
+
+    def match(self) -> Match:
+        """An empty match confined to this graph's nodes."""
+        return Match(local=self.local)
 
     def only_used_inside(self, m: Match, root: Node) -> bool:
         """Every intermediate value of the match is used only by nodes of the match."""
@@ -216,6 +249,11 @@ class Editor:
             o.shape = o.shape if o.shape is not None else like.shape
         return o
 
+    def adopt(self, nodes: list[Node]) -> None:
+        """Place existing nodes (a body being inlined) before the node being rewritten, as emit() does.
+        Their names are already unique in the tree."""
+        self._pending.extend(nodes)
+
     def const(self, data: np.ndarray, hint: str = "const") -> Value:
         data = np.asarray(data)
         if not data.flags.c_contiguous:  # (not ascontiguousarray: it turns 0-d scalars into 1-d)
@@ -237,7 +275,7 @@ class Editor:
             self._rename_output(old, new)
 
     def _rename_output(self, old: Value, new: Value) -> None:
-        produced_here = new.producer is not None and not self.is_output(new)
+        produced_here = self.producer(new) is not None and not self.is_output(new)
         if produced_here and new not in self.graph.inputs:
             new.name, old.name = old.name, self.fresh_name(old.name + ".replaced")
             self.graph.outputs = [new if v is old else v for v in self.graph.outputs]
@@ -257,12 +295,14 @@ class Editor:
         self.graph.nodes[idx:idx] = self._pending
         for n in self._pending:
             self._add_uses(n)
+            self.local.add(id(n))
         self._pending = []
 
     def remove(self, node: Node) -> None:
         self.graph.nodes.remove(node)
         self._drop_uses(node)
         self.removed.add(id(node))
+        self.local.discard(id(node))
 
     def remove_if_dead(self, nodes: list[Node]) -> None:
         """Remove those of ``nodes`` whose outputs nobody reads (consumers first, then their producers)."""
@@ -270,25 +310,19 @@ class Editor:
         while progress:
             progress = False
             for n in nodes:
-                if id(n) not in self.removed and not any(self.users(o) or self.is_output(o) for o in n.outputs):
+                if id(n) in self.local and not any(self.users(o) or self.is_output(o) for o in n.outputs):
                     self.remove(n)
                     progress = True
 
     def _add_uses(self, n: Node) -> None:
-        for v in n.inputs:
-            if v is not None:
-                lst = self.uses.setdefault(id(v), [])
-                if n not in lst:
-                    lst.append(n)
-        for sg in n.subgraphs():
-            for v in sg.captured_values():
-                lst = self.uses.setdefault(id(v), [])
-                if n not in lst:
-                    lst.append(n)
+        for v in reads(n):
+            lst = self.uses.setdefault(id(v), [])
+            if not any(u is n for u in lst):
+                lst.append(n)
 
     def _drop_uses(self, n: Node) -> None:
-        for v in list(n.inputs) + [c for sg in n.subgraphs() for c in sg.captured_values()]:
-            if v is not None and id(v) in self.uses:
+        for v in reads(n):
+            if id(v) in self.uses:
                 self.uses[id(v)] = [u for u in self.uses[id(v)] if u is not n]
 
 
@@ -301,14 +335,26 @@ def _replace_in_subgraph(g: Graph, old: Value, new: Value) -> None:
 
 
 def apply_rules(graph: Graph, rules: list[Rule], log: Optional[list[str]] = None) -> bool:
-    """One sweep of ``rules`` over the graph's nodes in order. Returns whether anything changed."""
-    ed = Editor(graph)
-    changed = False
+    """One sweep of ``rules`` over the nodes of every body (innermost first) and then of ``graph``,
+    each in order, then dead-code removal. Returns whether anything changed."""
     by_op: dict[Optional[str], list[Rule]] = {}
     for r in rules:
         ops = r.pattern.op if isinstance(r.pattern.op, tuple) else (r.pattern.op,)
         for o in ops:
             by_op.setdefault(o, []).append(r)
+    names = tree_names(graph)
+    changed = False
+    for g in graphs_postorder(graph):
+        changed |= _sweep(g, by_op, names, log)
+    if changed:
+        eliminate_dead_nodes(graph)
+    return changed
+
+
+def _sweep(graph: Graph, by_op: dict[Optional[str], list[Rule]], names: set[str],
+           log: Optional[list[str]]) -> bool:
+    ed = Editor(graph, names)
+    changed = False
     for node in list(graph.nodes):
         if id(node) in ed.removed or not node.outputs:  # removed by an earlier rewrite
             continue
@@ -320,18 +366,17 @@ def apply_rules(graph: Graph, rules: list[Rule], log: Optional[list[str]] = None
                 if log is not None:
                     log.append(f"{rule.name}: {node.name}")
                 break
-    if changed:
-        eliminate_dead_nodes(graph)
     return changed
 
 
 def _try_rule(ed: Editor, rule: Rule, root: Value, node: Node) -> Optional[Value]:
-    for m in rule.pattern.match(root, Match()):
+    for m in rule.pattern.match(root, ed.match()):
         if rule.exclusive and not ed.only_used_inside(m, node):
             continue
         new = rule.build(ed, m)
-        if new is None or new is root or (ed.is_output(root) and (new.producer is None or ed.is_output(new))):
-            # (an output that would become an input or constant keeps its node: the name must stay)
+        if new is None or new is root or (ed.is_output(root) and (ed.producer(new) is None or ed.is_output(new))):
+            # (an output that would become an input, a constant or an outer value keeps its node:
+            # the name must stay, and an Identity in its place would be rewritten again and again)
             ed._pending = []
             continue
         created = {id(n) for n in ed._pending}
@@ -357,33 +402,6 @@ def _keep_name(ed: Editor, old: Value, new: Value) -> None:
     taken = old.name
     old.name = ed.fresh_name(old.name + ".old")
     new.name = taken
-
-
-def eliminate_dead_nodes(graph: Graph) -> bool:
-    """Remove nodes none of whose outputs is used (side-effect free IR: every node may go)."""
-    used: set[int] = {id(v) for v in graph.outputs}
-    keep: list[Node] = []
-    for n in reversed(graph.nodes):
-        if any(id(o) in used for o in n.outputs):
-            keep.append(n)
-            used.update(id(v) for v in n.inputs if v is not None)
-            for sg in n.subgraphs():
-                used.update(id(v) for v in sg.captured_values())
-    removed = len(keep) != len(graph.nodes)
-    graph.nodes = keep[::-1]
-    return removed
-
-
-def remove_unused_initializers(graph: Graph) -> bool:
-    used: set[int] = {id(v) for v in graph.outputs}
-    for n in graph.nodes:
-        used.update(id(v) for v in n.inputs if v is not None)
-        for sg in n.subgraphs():
-            used.update(id(v) for v in sg.captured_values())
-    dead = [k for k, v in graph.initializers.items() if id(v) not in used]
-    for k in dead:
-        del graph.initializers[k]
-    return bool(dead)
 
 
 @dataclass
