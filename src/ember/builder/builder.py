@@ -64,11 +64,13 @@ def count_kernels(graph: Graph) -> int:
 
 
 def reinfer_static(graph: Graph) -> None:
-    """Forget inferred shapes of intermediate values and infer them again (inputs keep theirs)."""
-    inputs = {id(v) for v in graph.inputs}
-    for n in graph.nodes:
-        for o in n.outputs:
-            if id(o) not in inputs:
+    """Forget inferred shapes of intermediate values and infer them again (inputs keep theirs).
+    If/Loop/Scan bodies too: a branch computes from the outer values that just became static."""
+    from ..passes.scope import nested_graphs
+
+    for g in [graph, *nested_graphs(graph)]:
+        for n in g.nodes:
+            for o in n.outputs:
                 o.shape = None
     infer_shapes(graph)
 
