@@ -1,6 +1,7 @@
 """Engine files: round trip, and clear errors for damaged, tampered and incompatible files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 
@@ -30,11 +31,18 @@ def test_round_trip_and_manifest(engine_path):
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     np.testing.assert_allclose(eng.run({"x": x})["y"], _ref(x), rtol=1e-6)
     m = eng.manifest
-    assert m["format"] == "ember-engine" and m["format_version"] == 1
+    assert m["format"] == "ember-engine" and m["format_version"] == 2
     assert m["torch_version"] and m["ember_version"] == ember.__version__
     assert [i["name"] for i in m["inputs"]] == ["x"] and m["inputs"][0]["shape"] == ["batch", 4]
     with zipfile.ZipFile(engine_path) as z:
-        assert set(z.namelist()) == {"manifest.json", "graph.json", "weights.safetensors"}
+        assert set(z.namelist()) == {"digest.json", "manifest.json", "graph.json", "weights.safetensors"}
+        items = {n: z.read(n) for n in z.namelist()}
+    # the manifest lists every other member's hash and size; the digest is the manifest's hash
+    assert m["members"] == {n: {"sha256": hashlib.sha256(b).hexdigest(), "size": len(b)}
+                            for n, b in items.items() if n not in ("manifest.json", "digest.json")}
+    digest = json.loads(items["digest.json"])
+    assert digest["manifest_sha256"] == hashlib.sha256(items["manifest.json"]).hexdigest()
+    assert "signature" not in digest
 
 
 def test_truncated_file(engine_path, tmp_path):
@@ -73,6 +81,29 @@ def test_newer_format_version(engine_path, tmp_path):
 
     _rewrite(engine_path, p, "manifest.json", bump)
     with pytest.raises(EngineFileError, match="format version 99"):
+        ember.Engine.load(p)
+
+
+def test_format_version_1_is_refused_with_a_rebuild_message(engine_path, tmp_path):
+    """Version 1 had no digest over its manifest: it is not read, and the message says to rebuild."""
+    p = tmp_path / "v1.engine"
+
+    def v1(b: bytes) -> bytes:
+        m = json.loads(b)
+        m["format_version"] = 1
+        m["checksums"] = {k: v["sha256"] for k, v in m.pop("members").items()}
+        return json.dumps(m).encode()
+
+    _rewrite(engine_path, p, "manifest.json", v1)
+    with pytest.raises(EngineFileError, match=r"format version 1 .*no digest.*Rebuild it with `ember build`"):
+        ember.Engine.load(p)
+
+
+def test_manifest_edited_without_the_digest(engine_path, tmp_path):
+    """Any byte of the manifest changed (here: a profile widened) and the digest no longer matches."""
+    p = tmp_path / "edited.engine"
+    _rewrite(engine_path, p, "manifest.json", lambda b: b.replace(b'"opt_level": 2', b'"opt_level": 3'))
+    with pytest.raises(EngineFileError, match="manifest.json does not match the engine's digest"):
         ember.Engine.load(p)
 
 

@@ -16,8 +16,9 @@ from ..ir.graph import Graph, Value
 from ..ir.shapes import as_symbol
 from ..kernels import kernel_store
 from ..ops.torch_types import from_torch, to_numpy_value, to_torch_value
-from .format import read_engine, read_manifest, read_members, write_engine
+from .format import EngineArchive, write_engine
 from .interpreter import Interpreter
+from .signing import KeySource, load_key
 
 log = logging.getLogger(__name__)
 
@@ -79,31 +80,39 @@ class Engine:
     # -- files ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: "str | os.PathLike", device: "str | torch.device | None" = None,
-             allow_other_gpu: bool = False) -> "Engine":
+             allow_other_gpu: bool = False, verify_key: "KeySource | None" = None) -> "Engine":
         """Load an engine file. An engine tuned on one GPU model refuses to load on another unless
-        ``allow_other_gpu`` (it then runs correctly with tactics chosen for the other GPU)."""
+        ``allow_other_gpu`` (it then runs correctly with tactics chosen for the other GPU).
+
+        ``verify_key`` (bytes, or the path of a key file): load only an engine signed with this key
+        (``ember build --sign-key``). Without it, a signed engine is refused: its builder asked that
+        it be verified."""
         dev = resolve_device(device)
-        warm = None
-        if dev.type == "cuda" and read_manifest(path).get("kernels"):
-            warm = kernel_store.prewarm()  # Triton's first-launch work, while the weights load
-        f = read_engine(path)
-        backend = f.manifest.get("backend", "reference")
-        if backend != "reference":
-            raise EngineFileError(f"engine '{os.fspath(path)}' needs backend '{backend}', which this ember "
-                                  "does not have; rebuild it for this machine")
-        if dev.type == "cuda" and not allow_other_gpu:
-            p = torch.cuda.get_device_properties(dev)
-            check_same_gpu(f.manifest, p.name, f"{p.major}.{p.minor}", os.fspath(path))
-        stored = f.manifest.get("kernels") or {}
-        kernels: dict[str, bytes] = {}
-        if dev.type == "cuda" and stored.get("triton") and stored.get("triton") == kernel_store.triton_version():
-            # compiled kernels of this GPU and Triton version: Triton finds them instead of compiling
-            kernels = read_members(path, f.manifest, kernel_store.PREFIX)
-            try:
-                kernel_store.restore(kernels)
-            except OSError as e:  # an unwritable Triton cache costs compile time, not correctness
-                log.warning("engine '%s': stored kernels not restored into Triton's cache (%s); "
-                            "they will be compiled on first use", os.fspath(path), e)
+        key = load_key(verify_key) if verify_key is not None else None
+        with EngineArchive.open(path, key, require_key_if_signed=True) as arc:
+            warm = None
+            if dev.type == "cuda" and arc.manifest.get("kernels"):
+                warm = kernel_store.prewarm()  # Triton's first-launch work, while the weights load
+            f = arc.engine_file()
+            backend = f.manifest.get("backend", "reference")
+            if backend != "reference":
+                raise EngineFileError(f"engine '{os.fspath(path)}' needs backend '{backend}', which this ember "
+                                      "does not have; rebuild it for this machine")
+            if dev.type == "cuda" and not allow_other_gpu:
+                p = torch.cuda.get_device_properties(dev)
+                check_same_gpu(f.manifest, p.name, f"{p.major}.{p.minor}", os.fspath(path))
+            stored = f.manifest.get("kernels") or {}
+            kernels: dict[str, bytes] = {}
+            if dev.type == "cuda" and stored.get("triton") and stored.get("triton") == kernel_store.triton_version():
+                # compiled kernels of this GPU and Triton version: Triton finds them instead of compiling
+                kernels = arc.read_prefix(kernel_store.PREFIX)
+                try:
+                    kernel_store.restore(kernels)
+                except EngineFileError as e:
+                    raise EngineFileError(f"engine '{os.fspath(path)}': {e}") from None
+                except OSError as e:  # an unwritable kernel folder costs compile time, not correctness
+                    log.warning("engine '%s': stored kernels not restored into %s (%s); they will be compiled on "
+                                "first use", os.fspath(path), kernel_store.store_dir(), e)
         engine = cls(f.graph, f.manifest, device=dev, weights=f.weights)
         engine.kernel_binaries = kernels
         if dev.type == "cuda":
@@ -112,7 +121,10 @@ class Engine:
             warm.join()
         return engine
 
-    def save(self, path: "str | os.PathLike") -> int:
+    def save(self, path: "str | os.PathLike", sign_key: "KeySource | None" = None) -> int:
+        """Write the engine file; returns its size. ``sign_key`` (bytes, or the path of a key file):
+        sign it, so that loads given the same key accept it and loads without one refuse it."""
+        key = load_key(sign_key) if sign_key is not None else None
         manifest = dict(self.manifest)
         manifest.setdefault("backend", "reference")
         manifest["inputs"] = [s.to_json() for s in self.inputs]
@@ -120,10 +132,10 @@ class Engine:
         kernels = self.kernel_binaries
         if kernels:
             manifest["kernels"] = {"triton": kernel_store.triton_version(),
-                                   "count": sum(k.endswith(".json") for k in kernels)}
+                                   "count": len(kernel_store.kernel_groups(kernels))}
         else:
             manifest.pop("kernels", None)
-        return write_engine(path, self.graph, manifest, kernels)
+        return write_engine(path, self.graph, manifest, kernels, sign_key=key)
 
     @property
     def device(self) -> str:
