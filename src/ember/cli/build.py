@@ -46,12 +46,15 @@ def _profiles(mins: tuple[str, ...], opts: tuple[str, ...], maxs: tuple[str, ...
 @click.option("--rebuild-from", type=click.Path(exists=True, dir_okay=False), metavar="ENGINE",
               help="Build again with the options recorded in ENGINE (precision, shapes, profiles, levels); "
                    "MODEL must be its source ONNX. --device may differ.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), metavar="KEYFILE",
+              help="Sign the engine (HMAC-SHA256 of its digest) with the key in KEYFILE; loads then need the key "
+                   "(--verify-key).")
 @click.option("--debug", is_flag=True, help="Verify the graph after every optimization pass.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the optimized graph.")
 def build_cmd(model: str, output: "str | None", device: str, precision: str, shapes: tuple[str, ...],
               min_shapes: tuple[str, ...], opt_shapes: tuple[str, ...], max_shapes: tuple[str, ...],
               opt_level: int, builder_level: int, timing_cache: str, workspace: "float | None",
-              rebuild_from: "str | None", debug: bool, verbose: bool) -> None:
+              rebuild_from: "str | None", debug: bool, verbose: bool, sign_key: "str | None") -> None:
     """Build an engine from an ONNX MODEL."""
     import ember
 
@@ -63,6 +66,9 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
         given = {p for p in ctx.params if ctx.get_parameter_source(p) == click.core.ParameterSource.COMMANDLINE}
         precision, shapes, min_shapes, opt_shapes, max_shapes, opt_level, builder_level, device = \
             recorded_build_args(rebuild_from, model, given, builder_level, device, console)
+    from ..runtime.signing import load_key
+
+    key = load_key(sign_key) if sign_key else None  # a bad key file fails before the build, not after it
     t0 = time.perf_counter()
     with console.status("building…") as status:
         engine = ember.build(
@@ -72,12 +78,14 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
             workspace=workspace,
             progress=lambda msg: status.update(msg))
     out = output or os.path.splitext(model)[0] + ".engine"
-    size = engine.save(out)
+    size = engine.save(out, sign_key=key)
     dt = time.perf_counter() - t0
     m = engine.manifest
     if verbose:
         click.echo(str(engine.graph))
     console.print(f"[bold green]built[/] {out}  ({size / 1e6:.2f} MB, {dt:.2f} s)")
+    if key is not None:
+        console.print(f"  signed with the key in {sign_key}: load it with --verify-key {sign_key}", markup=False)
     console.print(f"  nodes: {m.get('nodes_in')} in the ONNX graph -> {m.get('nodes_out')} in the engine; "
                   f"device {m.get('device')}, precision {m.get('precision')}, opt level {opt_level}", markup=False)
     mem = m.get("memory") or {}

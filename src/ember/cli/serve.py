@@ -34,6 +34,17 @@ def _size(text: str) -> int:
                                  param_hint="--max-request-size") from None
 
 
+def _verify_key(key_file: "str | None") -> "bytes | None":
+    if not key_file:
+        return None
+    from ember.runtime.signing import SigningKeyError, load_key
+
+    try:
+        return load_key(key_file)
+    except SigningKeyError as e:
+        raise click.BadParameter(str(e), param_hint="--verify-key (or EMBER_VERIFY_KEY_FILE)") from None
+
+
 @click.command("serve")
 @click.argument("repo", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -55,6 +66,9 @@ def _size(text: str) -> int:
 @click.option("--insecure", is_flag=True,
               help="Allow binding beyond loopback (--host 0.0.0.0) without a token: anyone who can reach the port "
               "can run, load and unload models.")
+@click.option("--verify-key", type=click.Path(dir_okay=False), metavar="KEYFILE", envvar="EMBER_VERIFY_KEY_FILE",
+              help="Load only engines signed with the key in KEYFILE (ember build --sign-key); engines built here "
+              "from model.onnx are cached signed with it. Or set EMBER_VERIFY_KEY_FILE.")
 @click.option("--max-request-size", default="64M", show_default=True, help="Largest request body accepted.")
 @click.option("--max-queue-size", type=click.IntRange(1), default=1024, show_default=True,
               help="Queue limit per model (and priority level) where the config does not set one.")
@@ -78,7 +92,8 @@ def serve_cmd(repo: str, host: str, http_port: int, grpc_port: int, metrics_port
               no_grpc: bool, model_control_mode: str, load_models: "tuple[str, ...]", repository_poll_secs: float,
               auth_token_file: "str | None", insecure: bool, max_request_size: str, max_queue_size: int,
               max_connections: int, max_connections_per_client: int, header_timeout: float, body_timeout: float,
-              cache_dir: "str | None", strict: bool, drain_timeout: float, log_level: str) -> None:
+              cache_dir: "str | None", strict: bool, drain_timeout: float, log_level: str,
+              verify_key: "str | None") -> None:
     """Serve the model repository REPO over HTTP and gRPC (KServe v2, Triton compatible).
 
     REPO holds one folder per model: <model>/config.yaml (or Triton's config.pbtxt) and numeric
@@ -97,7 +112,7 @@ def serve_cmd(repo: str, host: str, http_port: int, grpc_port: int, metrics_port
         cache_dir=Path(cache_dir) if cache_dir else Path.home() / ".cache" / "ember" / "serve",
         strict=strict, drain_timeout_s=drain_timeout, max_connections=max_connections, insecure=insecure,
         max_connections_per_client=max_connections_per_client, header_timeout_s=header_timeout,
-        body_timeout_s=body_timeout)
+        body_timeout_s=body_timeout, verify_key=_verify_key(verify_key))
     try:
         settings.check_exposure()
     except ServeStartupError as e:

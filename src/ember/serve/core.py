@@ -7,7 +7,7 @@ import hmac
 import ipaddress
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class ServerSettings:
     drain_timeout_s: float = 30.0
     gpu_metrics: bool = True
     insecure: bool = False  # allow binding beyond loopback without a token
+    verify_key: bytes | None = field(default=None, repr=False)  # load only engines signed with it (--verify-key)
 
     def check_exposure(self) -> None:
         """Binding beyond loopback without a token opens inference, metrics and (in explicit mode) the
@@ -85,7 +86,8 @@ class InferenceService:
         self.settings = settings
         self.metrics = ServerMetrics(lambda: self.repository.served(), gpu=settings.gpu_metrics)
         self.repository = ModelRepository(Path(settings.repository),
-                                          ModelSettings(settings.cache_dir, settings.max_queue_size), self.metrics)
+                                          ModelSettings(settings.cache_dir, settings.max_queue_size,
+                                                        settings.verify_key), self.metrics)
         self.started = False
         self.shutting_down = False
         self.version = ember_version()

@@ -85,9 +85,10 @@ class EngineAdapter:
 
     @classmethod
     def load(cls, version_dir: Path, preferred: str | None, cache_dir: Path | None, label: str,
-             build_options: dict[str, Any] | None = None) -> "EngineAdapter":
+             build_options: dict[str, Any] | None = None, verify_key: bytes | None = None) -> "EngineAdapter":
         """Load the engine of one model version; an ONNX file is built (with `build_options` as
-        ember.build keyword arguments) once and cached."""
+        ember.build keyword arguments) once and cached. With `verify_key`, a model.engine must be
+        signed with it, and cached engines are signed with it too."""
         path = find_model_file(version_dir, preferred)
         try:
             import ember
@@ -95,8 +96,9 @@ class EngineAdapter:
             raise RepositoryError(f"{label}: cannot import ember: {e}") from e
         try:
             if path.suffix != ".onnx":
-                return cls(ember.Engine.load(str(path)), path)
-            return cls(cls._build_cached(ember, path, version_dir, cache_dir, label, build_options or {}), path)
+                return cls(ember.Engine.load(str(path), verify_key=verify_key), path)
+            return cls(cls._build_cached(ember, path, version_dir, cache_dir, label, build_options or {}, verify_key),
+                       path)
         except EmberError as e:
             raise RepositoryError(f"{label}: {path}: {e}") from e
         except (OSError, ValueError, RuntimeError) as e:
@@ -104,7 +106,7 @@ class EngineAdapter:
 
     @staticmethod
     def _build_cached(ember: Any, onnx_path: Path, version_dir: Path, cache_dir: Path | None, label: str,
-                      options: dict[str, Any]) -> Any:
+                      options: dict[str, Any], verify_key: bytes | None = None) -> Any:
         cached = None
         if cache_dir is not None:
             digest = _source_digest(version_dir, onnx_path, options)
@@ -112,7 +114,7 @@ class EngineAdapter:
             if cached.is_file():
                 try:
                     log.info("%s: using cached engine %s", label, cached)
-                    return ember.Engine.load(str(cached))
+                    return ember.Engine.load(str(cached), verify_key=verify_key)
                 except EmberError as e:
                     log.warning("%s: cached engine %s is unusable (%s); rebuilding", label, cached, e)
         log.info("%s: building engine from %s", label, onnx_path)
@@ -121,7 +123,7 @@ class EngineAdapter:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-                engine.save(str(tmp))
+                engine.save(str(tmp), sign_key=verify_key)  # the cache is checked like any engine
                 os.replace(tmp, cached)
             except (OSError, EmberError) as e:
                 log.warning("%s: could not cache the engine in %s (%s); it will be rebuilt next load", label,

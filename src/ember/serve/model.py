@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +36,7 @@ class ModelSettings:
 
     cache_dir: Path | None = None
     default_max_queue_size: int = 1024
+    verify_key: bytes | None = field(default=None, repr=False)  # engines must be signed with it
 
 
 def resolve_io(config: ModelConfig, adapter: EngineAdapter) -> ModelConfig:
@@ -131,7 +132,8 @@ class ServedModel:
         try:
             self.adapter = await asyncio.to_thread(EngineAdapter.load, self.version_dir,
                                                    self.config.default_model_filename, self.settings.cache_dir,
-                                                   f"{self.name}/{self.version}", self.config.build)
+                                                   f"{self.name}/{self.version}", self.config.build,
+                                                   self.settings.verify_key)
             self.config = resolve_io(self.config, self.adapter)
             if not self.config.default_model_filename:
                 self.config = replace(self.config, default_model_filename=self.adapter.path.name)
