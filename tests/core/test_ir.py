@@ -7,7 +7,6 @@ import pytest
 from ember.errors import GraphError
 from ember.ir import DType, Graph, Sym, Value, broadcast_shapes, verify
 from ember.ir.serialize import graph_from_json, graph_to_json
-from ember.ir.shapes import parse_dim, parse_expr
 
 
 def test_symbolic_arithmetic():
@@ -17,9 +16,7 @@ def test_symbolic_arithmetic():
     assert b * 2 + 1 - b == b + 1
     assert (b - b) == 0 and isinstance(b - b, int)
     assert (b * 4) // 2 == b * 2
-    e = (b - 3) // 2 + 1
-    assert parse_expr(str(e)) == e
-    assert parse_dim("7") == 7 and parse_dim("seq") == s
+    assert (b - 3) // 2 + 1 == (b + 1) // 2 - 1  # the constant of a quotient is kept in [0, 2)
     assert (b * s + 3).evaluate({"batch": 2, "seq": 5}) == 13
 
 

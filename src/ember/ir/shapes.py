@@ -1,217 +1,486 @@
 """Shapes whose dims are ints or symbolic expressions over named dims (``batch``, ``seq``).
 
-A symbolic dim is a polynomial with integer coefficients over atoms; an atom is a named symbol
-or an opaque floor-division/other term. That is enough for what exporters emit
-(``batch*seq``, ``seq+1``, ``(h-3)//2+1``) and keeps equality a structural comparison.
+A symbolic dim is an immutable expression tree (``Sym``) over named symbols and integers: sums,
+products, floor division, modulo, min and max. Trees are built only through ``Sym.named``, the
+arithmetic operators and ``floordiv``/``mod``/``sym_min``/``sym_max``, which keep them in one
+canonical form, so that equal expressions compare and hash equal wherever a simple normalization
+shows it:
+
+- a sum is flat, its like terms combined, its constant folded (``b*2 + 1 - b`` is ``b + 1``);
+- a product is flat, with one integer coefficient and sorted factors, and is multiplied out over
+  sums while that stays small (``2*(s + 1)`` is ``2*s + 2``);
+- ``x//1`` is ``x``, ``(b*s)//s`` is ``b``, ``(2*h + 4)//2`` is ``h + 2``, ``(x//2)//3`` is ``x//6``;
+- ``(2*h + 1) % 2`` is ``1 % 2``... is ``1``; min/max are flat, deduplicated, and drop an argument that
+  differs from another by a constant (``min(s, s + 1)`` is ``s``).
+
+No rule assumes anything about the symbols' values, so every rewrite holds for all integers (a
+division by an expression that is zero at run time is undefined either way). A name is any string:
+``seq-len`` or ``N/A`` is one symbol, never parsed. The text form (``str``) is for people only;
+engine files store the tree itself (``ember.ir.serialize``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Union
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Union
 
-Monomial = tuple[str, ...]  # sorted atom names, repeated for powers
+MAX_EXPANDED_TERMS = 64  # a product of sums is multiplied out only up to this many terms
+
+_OPS = ("sym", "add", "mul", "floordiv", "mod", "min", "max")
+_RANK = {op: i + 1 for i, op in enumerate(_OPS)}  # ints rank 0: they sort first
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Sym:
-    """A symbolic dim: sum of coef * monomial. Immutable and hashable."""
+    """A symbolic dim: one node of a canonical expression tree. Immutable and hashable.
 
-    terms: tuple[tuple[Monomial, int], ...]  # sorted, no zero coefficients
+    ``op`` is one of ``sym`` (``args == (name,)``), ``add``, ``mul``, ``floordiv``, ``mod``, ``min``,
+    ``max``; ``args`` are ints and Syms. Build Syms with ``Sym.named`` and the operators: calling
+    ``Sym(op, args)`` directly skips canonicalization.
+    """
 
+    op: str
+    args: tuple
+    depth: int = field(init=False)  # nesting depth of the tree (a symbol: 1)
+    _key: tuple = field(init=False)  # total order over canonical trees; equal iff the trees are
+    _hash: int = field(init=False)
+    _symbols: frozenset = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.op == "sym":
+            key: tuple = (1, self.args[0])
+            depth = 1
+        else:
+            key = (_RANK[self.op], tuple(_key(a) for a in self.args))
+            depth = 1 + max((a.depth for a in self.args if isinstance(a, Sym)), default=0)
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "depth", depth)
+        object.__setattr__(self, "_hash", hash((self.op, self.args)))
+        object.__setattr__(self, "_symbols", frozenset(self.args) if self.op == "sym" else
+                           frozenset().union(*(a._symbols for a in self.args if isinstance(a, Sym))))
+
+    # -- construction ---------------------------------------------------------------------------
     @staticmethod
     def named(name: str) -> "Sym":
-        return Sym((((name,), 1),))
+        """The symbol ``name``; any string is a name (``seq-len`` is one symbol, not a difference)."""
+        if not isinstance(name, str):
+            raise TypeError(f"a symbol name is a str, not {type(name).__name__}")
+        return Sym("sym", (name,))
 
-    @staticmethod
-    def _make(d: dict[Monomial, int]) -> "Dim":
-        items = tuple(sorted((m, c) for m, c in d.items() if c != 0))
-        if not items:
-            return 0
-        if len(items) == 1 and items[0][0] == ():
-            return items[0][1]
-        return Sym(items)
+    # -- identity -------------------------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Sym):
+            return NotImplemented
+        return self._hash == other._hash and self._key == other._key
 
-    def _dict(self) -> dict[Monomial, int]:
-        return dict(self.terms)
+    def __hash__(self) -> int:
+        return self._hash
 
-    @staticmethod
-    def _as_dict(x: "Dim") -> dict[Monomial, int]:
-        return x._dict() if isinstance(x, Sym) else ({(): int(x)} if x else {})
-
-    def __add__(self, other: "Dim") -> "Dim":
-        d = self._dict()
-        for m, c in Sym._as_dict(other).items():
-            d[m] = d.get(m, 0) + c
-        return Sym._make(d)
-
-    __radd__ = __add__
-
-    def __neg__(self) -> "Dim":
-        return Sym._make({m: -c for m, c in self.terms})
-
-    def __sub__(self, other: "Dim") -> "Dim":
-        return self + (-other if isinstance(other, Sym) else -int(other))
-
-    def __rsub__(self, other: "Dim") -> "Dim":
-        return (-self) + other
-
-    def __mul__(self, other: "Dim") -> "Dim":
-        out: dict[Monomial, int] = {}
-        for m1, c1 in self.terms:
-            for m2, c2 in Sym._as_dict(other).items():
-                m = tuple(sorted(m1 + m2))
-                out[m] = out.get(m, 0) + c1 * c2
-        return Sym._make(out)
-
-    __rmul__ = __mul__
-
-    def __floordiv__(self, other: "Dim") -> "Dim":
-        if isinstance(other, int):
-            if other == 1:
-                return self
-            if all(c % other == 0 for _, c in self.terms):
-                return Sym._make({m: c // other for m, c in self.terms})
-        if isinstance(other, Sym) and other == self:
-            return 1
-        # exact division of a monomial product by one of its atoms (batch*seq // seq)
-        if isinstance(other, Sym) and len(other.terms) == 1 and other.terms[0][1] == 1:
-            (atoms, _), = other.terms
-            out = {}
-            for m, c in self.terms:
-                rest = list(m)
-                for a in atoms:
-                    if a not in rest:
-                        break
-                    rest.remove(a)
-                else:
-                    out[tuple(rest)] = c
-                    continue
-                break
-            else:
-                return Sym._make(out)
-        return Sym.named(f"({self})//({other})")
-
-    def __str__(self) -> str:
-        parts = []
-        for m, c in self.terms:
-            body = "*".join(m)
-            if not body:
-                parts.append(str(c))
-            elif c == 1:
-                parts.append(body)
-            elif c == -1:
-                parts.append("-" + body)
-            else:
-                parts.append(f"{c}*{body}")
-        s = "+".join(parts).replace("+-", "-")
-        return s
-
-    __repr__ = __str__
+    def __reduce__(self) -> tuple:
+        return (Sym, (self.op, self.args))  # rebuilt, not restored: str hashes differ between processes
 
     @property
-    def symbols(self) -> set[str]:
-        return {a for m, _ in self.terms for a in m}
+    def name(self) -> "str | None":
+        """The symbol's name when this is exactly one symbol, else None."""
+        return self.args[0] if self.op == "sym" else None
 
-    def evaluate(self, env: dict[str, int]) -> int:
-        total = 0
-        for m, c in self.terms:
-            v = c
-            for a in m:
-                if a not in env:
-                    raise KeyError(a)
-                v *= env[a]
-            total += v
-        return total
+    @property
+    def symbols(self) -> frozenset[str]:
+        """Names of the symbols the expression uses."""
+        return self._symbols
+
+    # -- arithmetic -----------------------------------------------------------------------------
+    def __add__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else add(self, o)
+
+    def __radd__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else add(o, self)
+
+    def __sub__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else add(self, mul(-1, o))
+
+    def __rsub__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else add(o, mul(-1, self))
+
+    def __mul__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else mul(self, o)
+
+    def __rmul__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else mul(o, self)
+
+    def __floordiv__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else floordiv(self, o)
+
+    def __rfloordiv__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else floordiv(o, self)
+
+    def __mod__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else mod(self, o)
+
+    def __rmod__(self, other: object) -> "Dim":
+        o = _coerce(other)
+        return NotImplemented if o is None else mod(o, self)
+
+    def __neg__(self) -> "Dim":
+        return mul(-1, self)
+
+    def __pos__(self) -> "Sym":
+        return self
+
+    # -- values ---------------------------------------------------------------------------------
+    def evaluate(self, env: Mapping[str, int]) -> int:
+        """The value for the symbol values in ``env``; KeyError names a symbol ``env`` lacks."""
+        if self.op == "sym":
+            return operator.index(env[self.args[0]])
+        vals = [a if isinstance(a, int) else a.evaluate(env) for a in self.args]
+        return _EVAL[self.op](vals)
+
+    def subs(self, env: Mapping[str, "Dim"]) -> "Dim":
+        """Replace the symbols ``env`` names (by ints or expressions); the others stay."""
+        if self.op == "sym":
+            return _as_dim(env[self.args[0]]) if self.args[0] in env else self
+        if self._symbols.isdisjoint(env):
+            return self
+        return _BUILD[self.op](*(a if isinstance(a, int) else a.subs(env) for a in self.args))
+
+    # -- text (for people; never parsed) --------------------------------------------------------
+    def __str__(self) -> str:
+        return self.args[0] if self.op == "sym" else _fmt(self)
+
+    __repr__ = __str__
 
 
 Dim = Union[int, Sym]
 
 
-def as_symbol(d: "Dim") -> "str | None":
-    """The name of ``d`` when it is exactly one named symbol (``batch``), else None."""
-    if isinstance(d, Sym) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1:
-        return d.terms[0][0][0]
-    return None
+# -- canonical constructors -----------------------------------------------------------------------
+def _coerce(x: object) -> "Dim | None":
+    if isinstance(x, Sym):
+        return x
+    try:
+        return operator.index(x)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
-def parse_dim(text: "str | int") -> Dim:
-    """'batch' -> Sym, '3' -> 3, '' / '?' -> a fresh unknown symbol is the caller's job."""
-    if isinstance(text, int):
-        return text
-    t = str(text).strip()
-    if t.lstrip("-").isdigit():
-        return int(t)
-    return parse_expr(t)
+def _as_dim(x: object) -> Dim:
+    d = _coerce(x)
+    if d is None:
+        raise TypeError(f"a dim is an int or a Sym, not {type(x).__name__} ({x!r})")
+    return d
 
 
-def parse_expr(t: str) -> Dim:
-    """Parse the printed form of a Sym back (used by the engine file): +, -, *, // and parentheses."""
-    pos = 0
+def _key(x: Dim) -> tuple:
+    return (0, x) if isinstance(x, int) else x._key
 
-    def peek() -> str:
-        return t[pos] if pos < len(t) else ""
 
-    def atom() -> Dim:
-        nonlocal pos
-        if peek() == "(":
-            depth, start = 0, pos
-            while pos < len(t):
-                if t[pos] == "(":
-                    depth += 1
-                elif t[pos] == ")":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                pos += 1
-            pos += 1
-            inner = t[start + 1:pos - 1]
-            return parse_expr(inner)
-        start = pos
-        while pos < len(t) and (t[pos].isalnum() or t[pos] in "_.:"):
-            pos += 1
-        word = t[start:pos]
-        if not word:
-            raise ValueError(f"cannot parse dim expression '{t}'")
-        return int(word) if word.isdigit() else Sym.named(word)
+Monomial = tuple  # sorted tuple of non-int factors (Syms other than sums and products)
+Poly = dict  # Monomial -> nonzero int coefficient; the constant under ()
 
-    def term() -> Dim:
-        nonlocal pos
-        v = atom()
-        while True:
-            if t.startswith("//", pos):
-                pos += 2
-                rhs = atom()
-                if isinstance(v, int) and isinstance(rhs, int):
-                    v = v // rhs
-                elif isinstance(v, int):
-                    v = Sym.named(f"({v})//({rhs})")
-                else:
-                    v = v // rhs
-            elif peek() == "*":
-                pos += 1
-                v = v * atom()
-            else:
-                return v
 
-    sign = 1
-    if peek() == "-":
-        pos += 1
-        sign = -1
-    total: Dim = sign * term() if sign == 1 else -term()  # type: ignore[operator]
-    while pos < len(t):
-        if peek() == "+":
-            pos += 1
-            total = total + term()
-        elif peek() == "-":
-            pos += 1
-            total = total - term()
+def _split(t: Dim) -> tuple[int, Monomial]:
+    """A term as (coefficient, factors)."""
+    if isinstance(t, int):
+        return t, ()
+    if t.op == "mul":
+        return (t.args[0], t.args[1:]) if isinstance(t.args[0], int) else (1, t.args)
+    return 1, (t,)
+
+
+def _poly(x: Dim) -> Poly:
+    terms = x.args if isinstance(x, Sym) and x.op == "add" else (x,)
+    out: Poly = {}
+    for t in terms:
+        c, m = _split(t)
+        if c:
+            out[m] = out.get(m, 0) + c
+    return out
+
+
+def _monomial(c: int, m: Monomial) -> Dim:
+    sums = [f for f in m if f.op == "add"]
+    if sums and _expanded_size(sums) <= MAX_EXPANDED_TERMS:
+        return mul(c, *m)  # a quotient may leave sums small enough to multiply out: canonical again
+    if not m or c == 0:
+        return c
+    if c == 1 and len(m) == 1:
+        return m[0]
+    return Sym("mul", ((c,) if c != 1 else ()) + tuple(m))
+
+
+def _from_poly(p: Poly) -> Dim:
+    terms: list[Dim] = []
+    renormalized = False
+    for m, c in p.items():
+        if c:
+            t = _monomial(c, m)
+            renormalized |= _split(t) != (c, m)
+            terms.append(t)
+    if renormalized:
+        return add(*terms)  # a monomial multiplied out into terms that may meet others: merge again
+    if not terms:
+        return 0
+    if len(terms) == 1:
+        return terms[0]
+    return Sym("add", tuple(sorted(terms, key=_key)))
+
+
+def _expanded_size(sums: list[Sym]) -> int:
+    n = 1
+    for s in sums:
+        n *= len(s.args)
+    return n
+
+
+def add(*xs: object) -> Dim:
+    """The canonical sum of dims."""
+    p: Poly = {}
+    for x in xs:
+        for m, c in _poly(_as_dim(x)).items():
+            p[m] = p.get(m, 0) + c
+    return _from_poly(p)
+
+
+def mul(*xs: object) -> Dim:
+    """The canonical product of dims: multiplied out over sums while that stays small."""
+    coef, factors, sums = 1, [], []
+    for x in map(_as_dim, xs):
+        if isinstance(x, int):
+            coef *= x
+        elif x.op == "add":
+            sums.append(x)
         else:
-            raise ValueError(f"cannot parse dim expression '{t}' at position {pos}")
-    return total
+            c, m = _split(x)
+            coef *= c
+            factors.extend(m)
+    if coef == 0:
+        return 0
+    if sums and _expanded_size(sums) > MAX_EXPANDED_TERMS:
+        factors.extend(sums)  # kept as factors: (a+b)*(c+d)*... would not stay small
+        sums = []
+    p: Poly = {tuple(sorted(factors, key=_key)): coef}
+    for s in sums:
+        q: Poly = {}
+        for m1, c1 in p.items():
+            for m2, c2 in _poly(s).items():
+                m = tuple(sorted(m1 + m2, key=_key))
+                q[m] = q.get(m, 0) + c1 * c2
+        p = q
+    if not sums and len(p) == 1:
+        (m, c), = p.items()
+        return c if not m else (m[0] if c == 1 and len(m) == 1 else Sym("mul", ((c,) if c != 1 else ()) + m))
+    return _from_poly(p)
+
+
+def _remove_factors(m: Monomial, sub: Monomial) -> "Monomial | None":
+    rest = list(m)
+    for f in sub:
+        if f not in rest:
+            return None
+        rest.remove(f)
+    return tuple(rest)
+
+
+def _exact_quotient(a: Dim, b: Sym) -> "Dim | None":
+    """a / b when it is exact for every value of the symbols, found by simple means, else None."""
+    if a == b:
+        return 1
+    pa = _poly(a)
+    if b.op != "add":  # a monomial: every term of a must contain its factors
+        cb, mb = _split(b)
+        q: Poly = {}
+        for m, c in pa.items():
+            rest = _remove_factors(m, mb)
+            if rest is None or c % cb:
+                return None
+            q[rest] = c // cb
+        return _from_poly(q)
+    pb = _poly(b)  # a sum: a must be an integer multiple of it
+    if pa.keys() != pb.keys():
+        return None
+    m0 = next(iter(pb))
+    if pa[m0] % pb[m0]:
+        return None
+    k = pa[m0] // pb[m0]
+    return k if all(pa[m] == k * pb[m] for m in pb) else None
+
+
+def floordiv(a: object, b: object) -> Dim:
+    """``a // b`` (floor division, as Python's) in canonical form."""
+    a, b = _as_dim(a), _as_dim(b)
+    if isinstance(b, int):
+        if b == 0:
+            raise ZeroDivisionError(f"dim expression {a} // 0")
+        if isinstance(a, int):
+            return a // b
+        if b < 0:
+            return floordiv(mul(-1, a), -b)  # floor(a / -b) == floor(-a / b)
+        if b == 1:
+            return a
+        p = _poly(a)
+        const = p.pop((), 0)
+        if len(p) == 1:
+            (m, c), = p.items()
+            if c == 1 and len(m) == 1 and m[0].op == "floordiv" and isinstance(m[0].args[1], int):
+                x, d = m[0].args  # (x//d + k)//b == (x + k*d)//(d*b) for d, b > 0
+                return floordiv(add(x, const * d), d * b)
+        # (b*q + r)//b == q + r//b: whole multiples of b leave the quotient, the constant in [0, b)
+        q: Poly = {m: c // b for m, c in p.items() if c % b == 0}
+        r: Poly = {m: c for m, c in p.items() if c % b != 0}
+        q[()], r[()] = const // b, const % b
+        if any(q.values()):
+            return add(_from_poly(q), floordiv(_from_poly(r), b))
+        return Sym("floordiv", (a, b))
+    if a == 0:
+        return 0
+    exact = _exact_quotient(a, b)
+    if exact is not None:
+        return exact
+    return Sym("floordiv", (a, b))
+
+
+def mod(a: object, b: object) -> Dim:
+    """``a % b`` (the sign of b, as Python's) in canonical form."""
+    a, b = _as_dim(a), _as_dim(b)
+    if isinstance(b, int):
+        if b == 0:
+            raise ZeroDivisionError(f"dim expression {a} % 0")
+        if isinstance(a, int):
+            return a % b
+        if b < 0:
+            return mul(-1, mod(mul(-1, a), -b))  # a % -b == -((-a) % b)
+        if b == 1:
+            return 0
+        # multiples of b vanish: every coefficient and the constant reduce modulo b
+        r = _from_poly({m: c % b for m, c in _poly(a).items()})
+        if isinstance(r, int):
+            return r % b
+        if r.op == "mod" and isinstance(r.args[1], int) and r.args[1] % b == 0:
+            return mod(r.args[0], b)  # (x % (k*b)) % b == x % b
+        return Sym("mod", (r, b))
+    if a == 0:
+        return 0
+    if _exact_quotient(a, b) is not None:
+        return 0
+    return Sym("mod", (a, b))
+
+
+def _minmax(op: str, xs: tuple) -> Dim:
+    if not xs:
+        raise TypeError(f"{op}() of no dims")
+    flat: list[Dim] = []
+    for x in map(_as_dim, xs):
+        flat.extend(x.args if isinstance(x, Sym) and x.op == op else (x,))
+    pick = min if op == "min" else max
+    ints = [x for x in flat if isinstance(x, int)]
+    kept: list[Dim] = [pick(ints)] if ints else []
+    for x in sorted({x for x in flat if isinstance(x, Sym)}, key=_key):
+        for i, k in enumerate(kept):
+            d = add(x, mul(-1, k))
+            if isinstance(d, int):  # x and k differ by a constant: the extreme one decides
+                if pick(d, 0) == d and d != 0:
+                    kept[i] = x
+                break
+        else:
+            kept.append(x)
+    if len(kept) == 1:
+        return kept[0]
+    return Sym(op, tuple(sorted(kept, key=_key)))
+
+
+def sym_min(*xs: object) -> Dim:
+    """``min(...)`` over dims in canonical form."""
+    return _minmax("min", xs)
+
+
+def sym_max(*xs: object) -> Dim:
+    """``max(...)`` over dims in canonical form."""
+    return _minmax("max", xs)
+
+
+def _prod(vals: list[int]) -> int:
+    n = 1
+    for v in vals:
+        n *= v
+    return n
+
+
+_EVAL: dict[str, Callable[[list[int]], int]] = {
+    "add": sum, "mul": _prod, "floordiv": lambda v: v[0] // v[1], "mod": lambda v: v[0] % v[1],
+    "min": min, "max": max,
+}
+_BUILD: dict[str, Callable[..., Dim]] = {
+    "add": add, "mul": mul, "floordiv": floordiv, "mod": mod, "min": sym_min, "max": sym_max,
+}
+
+
+def build(op: str, args: "list[Dim] | tuple[Dim, ...]") -> Dim:
+    """The canonical dim for operator ``op`` over ``args`` (``sym``: ``args == [name]``)."""
+    if op == "sym":
+        (name,) = args
+        return Sym.named(name)  # type: ignore[arg-type]
+    if op not in _BUILD:
+        raise ValueError(f"unknown dim operator '{op}'; known: {', '.join(_OPS)}")
+    if op in ("floordiv", "mod") and len(args) != 2:
+        raise ValueError(f"'{op}' takes 2 operands, not {len(args)}")
+    return _BUILD[op](*args)
+
+
+# -- text -----------------------------------------------------------------------------------------
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:]*\Z")
+
+
+def _fmt(x: Dim, wrap: bool = False) -> str:
+    """Python-like text; ``wrap``: parenthesize anything but a symbol, a call or a plain int."""
+    if isinstance(x, int):
+        return f"({x})" if wrap and x < 0 else str(x)
+    op = x.op
+    if op == "sym":
+        name = x.args[0]
+        return name if _PLAIN_NAME.match(name) else repr(name)  # 'seq-len'*2 is one symbol
+    if op in ("min", "max"):
+        return f"{op}({', '.join(_fmt(a) for a in x.args)})"
+    if op in ("floordiv", "mod"):
+        text = f"{_fmt(x.args[0], True)}{'//' if op == 'floordiv' else '%'}{_fmt(x.args[1], True)}"
+    elif op == "mul":
+        c, m = _split(x)
+        body = "*".join(_fmt(f, f.op in ("add", "floordiv", "mod")) for f in m)
+        text = body if c == 1 else "-" + body if c == -1 else f"{c}*{body}"
+    else:  # add: terms in canonical order, the constant last
+        terms = [t for t in x.args if not isinstance(t, int)] + [t for t in x.args if isinstance(t, int)]
+        text = _fmt(terms[0])
+        for t in terms[1:]:
+            s = _fmt(t)
+            text += s if s.startswith("-") else "+" + s
+    return f"({text})" if wrap else text
 
 
 def dim_str(d: Dim) -> str:
     return str(d)
+
+
+def shape_str(shape: "tuple[Dim, ...] | None") -> str:
+    if shape is None:
+        return "?"
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+# -- shapes ---------------------------------------------------------------------------------------
+def as_symbol(d: Dim) -> "str | None":
+    """The name of ``d`` when it is exactly one named symbol (``batch``), else None."""
+    return d.args[0] if isinstance(d, Sym) and d.op == "sym" else None
 
 
 def is_static(shape: "tuple[Dim, ...] | None") -> bool:
@@ -219,10 +488,7 @@ def is_static(shape: "tuple[Dim, ...] | None") -> bool:
 
 
 def numel(shape: tuple[Dim, ...]) -> Dim:
-    n: Dim = 1
-    for d in shape:
-        n = n * d
-    return n
+    return mul(1, *shape)
 
 
 def broadcast_shapes(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
@@ -245,21 +511,6 @@ def broadcast_shapes(*shapes: tuple[Dim, ...]) -> tuple[Dim, ...]:
     return tuple(out)
 
 
-def shape_str(shape: "tuple[Dim, ...] | None") -> str:
-    if shape is None:
-        return "?"
-    return "[" + ",".join(str(d) for d in shape) + "]"
-
-
-def substitute(shape: tuple[Dim, ...], env: dict[str, int]) -> tuple[Dim, ...]:
-    """Replace known symbols by ints; leaves unknown ones symbolic."""
-    out: list[Dim] = []
-    for d in shape:
-        if isinstance(d, Sym):
-            try:
-                out.append(d.evaluate(env))
-            except KeyError:
-                out.append(d)
-        else:
-            out.append(d)
-    return tuple(out)
+def substitute(shape: tuple[Dim, ...], env: Mapping[str, Dim]) -> tuple[Dim, ...]:
+    """Replace the symbols ``env`` names, in every dim; the others stay symbolic."""
+    return tuple(d if isinstance(d, int) else d.subs(env) for d in shape)

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..ir.dtypes import ONNX_TO_DTYPE, DType, from_numpy
 from ..ir.graph import Node, Value
-from ..ir.shapes import Dim, Sym
+from ..ir.shapes import Dim, Sym, floordiv
 from .index import slice_bounds
 from .infer import TypeInfo, fresh_dim, same_as_input
 from .registry import shape_rule
@@ -24,14 +24,6 @@ def const_ints(v: Optional[Value]) -> Optional[list[int]]:
     return [int(x) for x in v.data.reshape(-1).tolist()]
 
 
-def fdiv(a: Dim, b: Dim) -> Dim:
-    if isinstance(a, int) and isinstance(b, int):
-        return a // b
-    if isinstance(a, Sym):
-        return a // b
-    return Sym.named(f"({a})//({b})")
-
-
 def product(dims) -> Dim:
     n: Dim = 1
     for d in dims:
@@ -42,10 +34,10 @@ def product(dims) -> Dim:
 def divide_numel(total: Dim, known: list[Dim]) -> Dim:
     """total // prod(known), dividing the int part first so that batch*seq*768 // (batch*64) simplifies."""
     ints = product(d for d in known if isinstance(d, int))
-    out = fdiv(total, ints) if ints != 1 else total
+    out = floordiv(total, ints) if ints != 1 else total
     for d in known:
         if isinstance(d, Sym):
-            out = fdiv(out, d)
+            out = floordiv(out, d)
     return out
 
 
@@ -181,8 +173,11 @@ def split_rule(node: Node) -> list[TypeInfo]:
         if isinstance(dim, int):
             chunk = -(-dim // parts)
             sizes = [min(chunk, max(dim - i * chunk, 0)) for i in range(parts)]
-        else:
-            sizes = [fdiv(dim, parts)] * parts
+        elif node.attrs.get("num_outputs"):  # uneven allowed: the last part is the smaller one
+            chunk = floordiv(dim + (parts - 1), parts)
+            sizes = [chunk] * (parts - 1) + [dim - (parts - 1) * chunk]
+        else:  # an even split (older opsets require it)
+            sizes = [floordiv(dim, parts)] * parts
     if sizes is None:
         sizes = [fresh_dim() for _ in range(n)]
     outs = []
@@ -218,8 +213,8 @@ def depth_space_rule(node: Node) -> list[TypeInfo]:
     b, c, h, w = x.shape
     bs = node.attrs["blocksize"]
     if node.op == "DepthToSpace":
-        return _one(x.dtype, [b, fdiv(c, bs * bs), h * bs, w * bs])
-    return _one(x.dtype, [b, c * bs * bs, fdiv(h, bs), fdiv(w, bs)])
+        return _one(x.dtype, [b, floordiv(c, bs * bs), h * bs, w * bs])
+    return _one(x.dtype, [b, c * bs * bs, floordiv(h, bs), floordiv(w, bs)])
 
 
 @shape_rule("CenterCropPad")
@@ -295,9 +290,9 @@ def _slice_len(dim: Dim, s: int, e: int, k: int) -> Dim:
         lo: Dim = s if s >= 0 else dim + s
         hi: Dim = dim if e >= BIG else (e if e >= 0 else dim + e)
         n = hi - lo
-        return n if k == 1 else fdiv(n + (k - 1), k)
+        return n if k == 1 else floordiv(n + (k - 1), k)
     if (s >= BIG or s == -1) and e <= -BIG:  # the whole axis, reversed
-        return dim if k == -1 else fdiv(dim + (-k - 1), -k)
+        return dim if k == -1 else floordiv(dim + (-k - 1), -k)
     return fresh_dim()
 
 
