@@ -1,13 +1,13 @@
 """Model configuration: config.yaml, Triton's config.pbtxt, and their error messages."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from ember.serve.config import VersionPolicy, config_from_yaml, load_model_config
 from ember.serve.errors import RepositoryError
-from ember.serve.pbtxt import PbtxtError, parse_pbtxt
 
 # A config.pbtxt as Triton users write them, with fields ember ignores (optimization, parameters).
 TRITON_PBTXT = r'''
@@ -137,7 +137,7 @@ def test_yaml_errors_name_the_problem_and_file(tmp_path: Path, text: str, messag
     ('input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] reshape: { shape: [ 2, 2 ] } } ]', "reshape"),
     ('input [ { name: "x" data_type: TYPE_WHAT dims: [ 4 ] } ]', "unknown datatype 'TYPE_WHAT'"),
     ('max_batch_size: 8\ninput [ { name: "x" ', "line 2: unexpected end of file"),
-    ("max_batch_size: 8 $", "line 1: unexpected character '$'"),
+    ("max_batch_size: 8 $", "line 1, column 19: Expected identifier or number, got $"),
 ])
 def test_pbtxt_errors(tmp_path: Path, text: str, message: str):
     d = tmp_path / "m"
@@ -148,16 +148,88 @@ def test_pbtxt_errors(tmp_path: Path, text: str, message: str):
     assert message in str(e.value)
 
 
-def test_pbtxt_parser_forms():
-    msg = parse_pbtxt('a: 1 a: 2 b { c: "x" "y" } d [ 1.5, -2, 0x10 ] e: true f < g: ENUM_V >; h: [ { i: 1 } ]')
-    assert msg["a"] == [1, 2]
-    assert msg["b"] == [{"c": ["xy"]}]
-    assert msg["d"] == [1.5, -2, 16]
-    assert msg["e"] == [True] and msg["f"] == [{"g": ["ENUM_V"]}] and msg["h"] == [{"i": [1]}]
-    with pytest.raises(PbtxtError, match="expected a field name"):
-        parse_pbtxt("{ a: 1 }")
+def test_pbtxt_text_format_forms(tmp_path: Path):
+    """config.pbtxt is protobuf text format, read by protobuf: repeated fields written one by one or
+    as lists, adjacent strings, <> delimiters, ; and , separators, hex numbers, comments."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.pbtxt").write_text(
+        'name: "m" "" # the model\nmax_batch_size: 0x10; parameters { key: "a" value { string_value: "x" "y" } }\n'
+        'input < name: "x"; data_type: TYPE_FP32, dims: [ 4 ] > input [ { name: "y" data_type: TYPE_INT64 dims: 2 '
+        'dims: 3 } ]\ndynamic_batching { preferred_batch_size: 4 preferred_batch_size: [ 8 ] }')
+    cfg = load_model_config(d)
+    assert cfg.max_batch_size == 16 and cfg.parameters == {"a": "xy"}
+    assert [(t.name, t.datatype, t.dims) for t in cfg.inputs] == [("x", "FP32", (4,)), ("y", "INT64", (2, 3))]
+    assert cfg.dynamic_batching.preferred_batch_sizes == (4, 8)
+    (d / "config.pbtxt").write_text("max_batch_size: 8\ndynamic_batchng { }\n")  # a typo is an error, as in Triton
+    with pytest.raises(RepositoryError, match=r'config.pbtxt: line 2, column 1: .*no field named "dynamic_batchng"'):
+        load_model_config(d)
 
 
 def test_yaml_direct_dict():
     cfg = config_from_yaml({"max_batch_size": 4, "dynamic_batching": True}, "m", "test")
     assert cfg.dynamic_batching is not None and cfg.dynamic_batching.max_queue_delay_us == 0
+
+
+# The same mistake written in config.yaml, config.pbtxt and a load request's JSON gets the same
+# message: all three are parsed into Triton's ModelConfig message and checked by one function.
+SAME_MISTAKE = [
+    ("max_batch_size: -1", "max_batch_size: -1", {"max_batch_size": -1}, "max_batch_size must be an integer >= 0"),
+    ("max_batch_size: 4\ndynamic_batching: {preferred_batch_sizes: [8]}",
+     "max_batch_size: 4 dynamic_batching { preferred_batch_size: 8 }",
+     {"max_batch_size": 4, "dynamic_batching": {"preferred_batch_size": [8]}}, "exceed max_batch_size 4"),
+    ("inputs: [{name: x, dtype: float32, shape: [-2]}]", 'input { name: "x" data_type: TYPE_FP32 dims: -2 }',
+     {"input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [-2]}]}, "input[0] ('x').dims[0] must be an integer >= -1"),
+    ("default_model_filename: /etc/passwd", 'default_model_filename: "/etc/passwd"',
+     {"default_model_filename": "/etc/passwd"}, "default_model_filename must be a relative path inside"),
+    ("warmup: [{name: w, inputs: {x: {dtype: float32, shape: [4], file: ../../secret}}}]",
+     'model_warmup { name: "w" inputs { key: "x" value { data_type: TYPE_FP32 dims: 4 input_data_file: "../../secret" } } }',
+     {"model_warmup": [{"name": "w", "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4],
+                                                       "input_data_file": "../../secret"}}}]},
+     "model_warmup[0].inputs['x'].input_data_file must be a relative path inside"),
+    ("instance_count: 100000", "instance_group { count: 100000 }", {"instance_group": [{"count": 100000}]},
+     "the total instance count must be an integer in 1..256"),
+    ("dynamic_batching: {priority_levels: 2, default_priority_level: 3}",
+     "dynamic_batching { priority_levels: 2 default_priority_level: 3 }",
+     {"dynamic_batching": {"priority_levels": 2, "default_priority_level": 3}},
+     "default_priority_level 3 must be in 1..2"),
+]
+
+
+@pytest.mark.parametrize("yaml_text,pbtxt_text,json_doc,message", SAME_MISTAKE)
+def test_yaml_pbtxt_and_json_validate_identically(tmp_path: Path, yaml_text, pbtxt_text, json_doc, message):
+    from ember.serve.core import load_request_config
+    from ember.serve.errors import BadRequestError
+
+    errors = []
+    for fname, text in (("config.yaml", yaml_text), ("config.pbtxt", pbtxt_text)):
+        d = tmp_path / fname.replace(".", "_") / "m"
+        d.mkdir(parents=True)
+        (d / fname).write_text(text)
+        with pytest.raises(RepositoryError) as e:
+            load_model_config(d)
+        assert str(e.value).startswith(f"{d / fname}: ")
+        errors.append(str(e.value).split(": ", 1)[1])
+    with pytest.raises(BadRequestError) as e:
+        load_request_config(json.dumps(json_doc), "m")
+    assert str(e.value).startswith("load request config for 'm': ")
+    errors.append(str(e.value).split(": ", 1)[1])
+    assert message in errors[0]
+    assert errors[0] == errors[1] == errors[2]
+
+
+def test_config_json_round_trips_through_the_message(tmp_path: Path):
+    """GET .../config returns Triton's JSON; loading that JSON back gives the same configuration."""
+    from ember.serve.core import load_request_config
+
+    d = tmp_path / "resnet"
+    d.mkdir()
+    (d / "config.pbtxt").write_text(TRITON_PBTXT)
+    cfg = load_model_config(d)
+    doc = cfg.to_triton_json("ember_engine")
+    assert doc["max_batch_size"] == 32 and doc["input"][0]["dims"] == [3, 224, 224]  # numbers, not strings
+    assert doc["dynamic_batching"]["default_queue_policy"]["default_timeout_microseconds"] == 5000
+    again = load_request_config(json.dumps(doc), "resnet")
+    for attr in ("max_batch_size", "inputs", "outputs", "dynamic_batching", "instance_count", "version_policy",
+                 "warmup", "parameters"):
+        assert getattr(again, attr) == getattr(cfg, attr), attr

@@ -10,6 +10,7 @@ import pytest
 
 from ember.serve import grpc_service_pb2 as pb
 from ember.serve import grpc_service_pb2_grpc as pb_grpc
+from ember.serve import model_config_pb2 as model_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,8 +42,12 @@ def test_proto_is_wire_compatible_with_tritons():
     triton_msgs = dict(theirs.message_types_by_name)
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
     triton_msgs.update(model_config_pb2.DESCRIPTOR.message_types_by_name)
-    for name, d in ours.message_types_by_name.items():
+    ours_msgs = {**ours.message_types_by_name, **model_config.DESCRIPTOR.message_types_by_name}
+    for name, d in ours_msgs.items():
         walk(d, triton_msgs[name], name)
+    # ember's model_config.proto is Triton's whole schema, so every Triton config.pbtxt parses
+    assert set(model_config.DESCRIPTOR.message_types_by_name) == set(model_config_pb2.DESCRIPTOR.message_types_by_name)
+    assert set(model_config.DESCRIPTOR.enum_types_by_name) == set(model_config_pb2.DESCRIPTOR.enum_types_by_name)
 
 
 def test_stubs_coexist_with_tritonclient_in_one_process():

@@ -1,34 +1,43 @@
-"""Model configuration: ember's config.yaml and Triton's config.pbtxt, read into one dataclass.
+"""Model configuration: Triton's config.pbtxt and ember's config.yaml, read into one dataclass.
 
-config.yaml (every key optional; inputs/outputs default to the engine's):
+Both go through Triton's `ModelConfig` protobuf message (model_config.proto), as in Triton:
 
-    max_batch_size: 8              # 0: no batching, shapes below are full shapes
-    inputs:  [{name: x, dtype: float32, shape: [4]}]    # shape without the batch dim
-    outputs: [{name: y, dtype: float32, shape: [4]}]
-    dynamic_batching:
-      preferred_batch_sizes: [4, 8]
-      max_queue_delay_us: 500
-      max_queue_size: 64           # 0: the server's --max-queue-size
-      default_timeout_us: 0        # 0: no timeout
-      allow_timeout_override: true
-      timeout_action: reject       # or delay
-      priority_levels: 2
-      default_priority_level: 1
-    instance_count: 2
-    version_policy: {latest: 1}    # or: all, or {specific: [1, 3]}
-    build: {precision: fp16}       # ember.build options, used when a version holds model.onnx
-    warmup:
-      - {name: w, batch_size: 4, count: 1, inputs: {x: {dtype: float32, shape: [4], data: random}}}
+* config.pbtxt is parsed with protobuf's `text_format`, so any config written for Triton parses
+  here exactly as there, and a misspelt field is an error naming its line;
+* config.yaml is mapped onto the message's JSON form (config_yaml.py) and read with
+  `json_format`, as is the JSON `config` of a repository load request.
+
+One function, `config_from_message`, then checks the message and builds the dataclasses the
+server runs on, so every front end validates identically; errors name the file and the field.
+`ModelConfig.to_message` goes the other way, for the config endpoints (HTTP JSON and gRPC).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from google.protobuf import json_format, text_format
+from google.protobuf.message import Message
+
+from . import model_config_pb2 as mc
+from .config_yaml import yaml_to_triton_json
 from .datatypes import config_type_name, normalize_datatype
 from .errors import RepositoryError
-from .pbtxt import PbtxtError, parse_pbtxt
+from .safe_files import read_regular_file
+
+MAX_CONFIG_BYTES = 4 << 20  # a config file is a few kB; a bigger one is a mistake (or /dev/zero)
+MAX_INSTANCES = 256  # each instance is a thread and an engine's worth of buffers
+
+# Triton features whose semantics ember does not offer: refused so that a model never silently
+# behaves differently than it did under Triton
+_UNSUPPORTED = {
+    "sequence_batching": "the sequence batcher",
+    "ensemble_scheduling": "ensembles",
+    "batch_input": "batch inputs",
+    "batch_output": "batch outputs",
+}
 
 
 @dataclass
@@ -104,46 +113,93 @@ class ModelConfig:
     build: dict[str, Any] = field(default_factory=dict)  # ember.build options for model.onnx (YAML only)
     source: str = ""  # the file this came from, for error messages
 
-    def to_triton_json(self, platform: str) -> dict[str, Any]:
-        """The model configuration as Triton's JSON (GET .../config, gRPC ModelConfig)."""
-        vp: dict[str, Any]
-        if self.version_policy.kind == "all":
-            vp = {"all": {}}
-        elif self.version_policy.kind == "specific":
-            vp = {"specific": {"versions": list(self.version_policy.versions)}}
+    def to_message(self, platform: str) -> mc.ModelConfig:
+        """This configuration as Triton's ModelConfig (GET .../config, gRPC ModelConfig)."""
+        m = mc.ModelConfig(name=self.name, platform=platform, backend="ember", max_batch_size=self.max_batch_size,
+                           default_model_filename=self.default_model_filename or "model.engine")
+        vp = self.version_policy
+        if vp.kind == "all":
+            m.version_policy.all.SetInParent()
+        elif vp.kind == "specific":
+            m.version_policy.specific.versions.extend(vp.versions)
         else:
-            vp = {"latest": {"num_versions": self.version_policy.num_versions}}
-        out: dict[str, Any] = {
-            "name": self.name, "platform": platform, "backend": "ember", "version_policy": vp,
-            "max_batch_size": self.max_batch_size,
-            "input": [{"name": t.name, "data_type": config_type_name(t.datatype), "dims": list(t.dims),
-                       "optional": t.optional} for t in self.inputs],
-            "output": [{"name": t.name, "data_type": config_type_name(t.datatype), "dims": list(t.dims)}
-                       for t in self.outputs],
-            "instance_group": [{"name": f"{self.name}_0", "kind": "KIND_MODEL", "count": self.instance_count,
-                                "gpus": []}],
-            "default_model_filename": self.default_model_filename or "model.engine",
-            "parameters": {k: {"string_value": v} for k, v in self.parameters.items()},
-            "model_warmup": [{"name": w.name, "batch_size": w.batch_size, "count": w.count,
-                              "inputs": {k: {"data_type": config_type_name(i.datatype), "dims": list(i.dims),
-                                             **({"input_data_file": i.file} if i.source == "file"
-                                                else {f"{i.source}_data": True})}
-                                         for k, i in w.inputs.items()}} for w in self.warmup],
-        }
+            m.version_policy.latest.num_versions = vp.num_versions
+        for t in self.inputs:
+            m.input.add(name=t.name, data_type=config_type_name(t.datatype), dims=t.dims, optional=t.optional)
+        for t in self.outputs:
+            m.output.add(name=t.name, data_type=config_type_name(t.datatype), dims=t.dims)
+        m.instance_group.add(name=f"{self.name}_0", kind="KIND_MODEL", count=self.instance_count)
+        for k, v in self.parameters.items():
+            m.parameters[k].string_value = v
+        for w in self.warmup:
+            mw = m.model_warmup.add(name=w.name, batch_size=w.batch_size, count=w.count)
+            for k, i in w.inputs.items():
+                wi = mw.inputs[k]
+                wi.data_type = config_type_name(i.datatype)
+                wi.dims.extend(i.dims)
+                if i.source == "file":
+                    wi.input_data_file = i.file or ""
+                else:
+                    setattr(wi, f"{i.source}_data", True)
         db = self.dynamic_batching
         if db is not None:
-            def qp(p: QueuePolicy) -> dict[str, Any]:
-                return {"timeout_action": p.timeout_action, "default_timeout_microseconds": p.default_timeout_us,
-                        "allow_timeout_override": p.allow_timeout_override, "max_queue_size": p.max_queue_size}
-            out["dynamic_batching"] = {
-                "preferred_batch_size": list(db.preferred_batch_sizes),
-                "max_queue_delay_microseconds": db.max_queue_delay_us,
-                "preserve_ordering": db.preserve_ordering,
-                "priority_levels": db.priority_levels, "default_priority_level": db.default_priority_level,
-                "default_queue_policy": qp(db.default_queue_policy),
-                "priority_queue_policy": {str(k): qp(v) for k, v in db.priority_queue_policy.items()},
-            }
-        return out
+            mdb = m.dynamic_batching
+            mdb.SetInParent()
+            mdb.preferred_batch_size.extend(db.preferred_batch_sizes)
+            mdb.max_queue_delay_microseconds = db.max_queue_delay_us
+            mdb.preserve_ordering = db.preserve_ordering
+            mdb.priority_levels = db.priority_levels
+            mdb.default_priority_level = db.default_priority_level
+            _queue_policy_message(db.default_queue_policy, mdb.default_queue_policy)
+            for level, p in db.priority_queue_policy.items():
+                _queue_policy_message(p, mdb.priority_queue_policy[level])
+        return m
+
+    def to_triton_json(self, platform: str) -> dict[str, Any]:
+        """The model configuration as Triton's JSON (GET .../config)."""
+        return message_json(self.to_message(platform))
+
+
+def _queue_policy_message(p: QueuePolicy, out: mc.ModelQueuePolicy) -> None:
+    out.timeout_action = p.timeout_action
+    out.default_timeout_microseconds = p.default_timeout_us
+    out.allow_timeout_override = p.allow_timeout_override
+    out.max_queue_size = p.max_queue_size
+
+
+def message_json(msg: Message) -> dict[str, Any]:
+    """A message as Triton writes model configurations in JSON: proto field names, default values
+    included, 64-bit integers as numbers (proto3 JSON writes them as strings)."""
+    try:
+        doc = json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=True)
+    except TypeError:  # protobuf < 5.26 spells the option differently
+        doc = json_format.MessageToDict(msg, preserving_proto_field_name=True,  # type: ignore[call-arg]
+                                        including_default_value_fields=True)
+    return _int64_as_numbers(doc, msg.DESCRIPTOR)
+
+
+_INT64_TYPES = {3, 4, 6, 16, 18}  # FieldDescriptor TYPE_INT64, UINT64, FIXED64, SFIXED64, SINT64
+
+
+def _int64_as_numbers(doc: Any, desc: Any) -> Any:
+    if not isinstance(doc, dict):
+        return doc
+    for f in desc.fields:
+        if f.name not in doc:
+            continue
+        value = doc[f.name]
+        sub = f.message_type
+        if sub is not None and sub.GetOptions().map_entry:
+            vf = sub.fields_by_name["value"]
+            doc[f.name] = {k: (_int64_as_numbers(v, vf.message_type) if vf.message_type is not None
+                               else int(v) if vf.type in _INT64_TYPES else v) for k, v in value.items()}
+        elif sub is not None:
+            doc[f.name] = ([_int64_as_numbers(v, sub) for v in value] if isinstance(value, list)
+                           else _int64_as_numbers(value, sub))
+        elif f.type in _INT64_TYPES:
+            doc[f.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return doc
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -160,7 +216,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
             except ImportError as e:
                 raise RepositoryError(f"{path}: reading YAML needs pyyaml: pip install 'ember[serve]'") from e
             try:
-                data = yaml.safe_load(path.read_text()) or {}
+                data = yaml.safe_load(_read_config(path)) or {}
             except yaml.YAMLError as e:
                 raise RepositoryError(f"{path}: not valid YAML: {e}") from None
             if not isinstance(data, dict):
@@ -168,208 +224,182 @@ def load_model_config(model_dir: Path) -> ModelConfig:
             return config_from_yaml(data, name, str(path))
     path = model_dir / "config.pbtxt"
     if path.is_file():
-        try:
-            msg = parse_pbtxt(path.read_text())
-        except PbtxtError as e:
-            raise RepositoryError(f"{path}: {e}") from None
-        from .triton_config import config_from_pbtxt
-
-        return config_from_pbtxt(msg, name, str(path))
+        return config_from_pbtxt(_read_config(path), name, str(path))
     return ModelConfig(name=name, source=str(model_dir))
+
+
+def _read_config(path: Path) -> str:
+    data = read_regular_file(path, MAX_CONFIG_BYTES, "the model configuration")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RepositoryError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def config_from_pbtxt(text: str, name: str, src: str) -> ModelConfig:
+    """Triton's config.pbtxt (protobuf text format)."""
+    msg = mc.ModelConfig()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as e:
+        raise _fail(src, _text_format_error(e, text)) from None
+    return config_from_message(msg, name, src)
+
+
+def config_from_json(doc: Any, name: str, src: str, build: dict[str, Any] | None = None) -> ModelConfig:
+    """Triton's model configuration in JSON (a load request's `config`, or mapped config.yaml)."""
+    msg = mc.ModelConfig()
+    try:
+        json_format.ParseDict(doc, msg)
+    except (json_format.ParseError, TypeError, ValueError, AttributeError) as e:
+        raise _fail(src, _json_format_error(e)) from None
+    return config_from_message(msg, name, src, build)
+
+
+def config_from_yaml(d: dict, name: str, src: str) -> ModelConfig:
+    """ember's config.yaml, already loaded into a dict."""
+    try:
+        doc, build = yaml_to_triton_json(d, src)
+    except RepositoryError:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError) as e:  # a value of the wrong form deep inside
+        raise _fail(src, f"a setting has the wrong form ({type(e).__name__}: {e}); see docs/serve.md for the "
+                         "schema") from None
+    return config_from_json(doc, name, src, build)
+
+
+_LOCATION = re.compile(r"^\d+:\d+ : (?:'[^\n]*?': )?")
+_BAD_ENUM = re.compile(r'Enum type "inference\.(\w+)" has no value named (\w+)')
+
+
+def _text_format_error(e: text_format.ParseError, text: str) -> str:
+    line, column = e.GetLine(), e.GetColumn()
+    what = _LOCATION.sub("", str(e)).rstrip(".")
+    bad = _BAD_ENUM.search(what)
+    if bad:  # name the allowed values, not just the one that is wrong
+        enum = mc.DESCRIPTOR.enum_types_by_name.get(bad.group(1))
+        allowed = ", ".join(v.name for v in enum.values) if enum is not None else "see model_config.proto"
+        what = f"unknown {bad.group(1).lower()} '{bad.group(2)}'; use one of {allowed}"
+    if line is None:
+        return what
+    lines = text.split("\n")
+    offset = sum(len(x) + 1 for x in lines[:line - 1]) + max((column or 1) - 1, 0)
+    # protobuf points at the last token it read; nothing after it means the file ended too early
+    if len(text[offset:].split()) <= 1 and "got " not in what:
+        return f"line {line}: unexpected end of file: {what}"
+    return f"line {line}, column {column}: {what}"
+
+
+def _json_format_error(e: Exception) -> str:
+    what = str(e).split("\n Available Fields")[0]
+    return what if isinstance(e, json_format.ParseError) else f"not a valid model configuration: {what}"
+
+
+# ---- checking ------------------------------------------------------------------------------------------
 
 
 def _fail(src: str, what: str) -> RepositoryError:
     return RepositoryError(f"{src}: {what}")
 
 
-def _check_keys(d: dict, allowed: set[str], src: str, where: str) -> None:
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise _fail(src, f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+def _int(v: int, src: str, where: str, minimum: int = 0, maximum: int | None = None) -> int:
+    if v < minimum or (maximum is not None and v > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise _fail(src, f"{where} must be an integer {bound}, got {v!r}")
+    return int(v)
 
 
-def _int(v: Any, src: str, where: str, minimum: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise _fail(src, f"{where} must be an integer >= {minimum}, got {v!r}")
-    return v
+def _dims(values: Any, src: str, where: str) -> tuple[int, ...]:
+    return tuple(_int(d, src, f"{where}[{i}]", minimum=-1) for i, d in enumerate(values))
 
 
-def _dims(v: Any, src: str, where: str) -> tuple[int, ...]:
-    if not isinstance(v, (list, tuple)):
-        raise _fail(src, f"{where} must be a list of dims like [3, 224, 224] (-1 = any), got {v!r}")
-    return tuple(_int(d, src, f"{where}[{i}]", minimum=-1) for i, d in enumerate(v))
-
-
-def _dtype(v: Any, src: str, where: str) -> str:
+def _dtype(enum_value: int, src: str, where: str) -> str:
+    name = mc.DataType.Name(enum_value)
+    if name == "TYPE_INVALID":
+        raise _fail(src, f"{where} needs a data_type, like TYPE_FP32")
     try:
-        return normalize_datatype(v, where)
+        return normalize_datatype(name, where)
     except ValueError as e:
         raise _fail(src, str(e)) from None
 
 
-def _yaml_tensor(d: Any, src: str, where: str) -> TensorConfig:
-    if not isinstance(d, dict):
-        raise _fail(src, f"{where} must be a mapping with name, dtype and shape")
-    _check_keys(d, {"name", "dtype", "datatype", "data_type", "shape", "dims", "optional"}, src, where)
-    if not isinstance(d.get("name"), str) or not d["name"]:
+def relative_path(value: str, src: str, where: str) -> str:
+    """A path a config names inside the model's folder: relative, no '..', no drive. (Where it leads
+    after symlinks is checked when it is opened: safe_files.resolve_inside.)"""
+    pure = PurePosixPath(value)
+    if (not value or "\0" in value or "\\" in value or pure.is_absolute() or ".." in pure.parts
+            or PureWindowsPath(value).drive):
+        raise _fail(src, f"{where} must be a relative path inside the model's folder, without '..', got {value!r}")
+    return value
+
+
+def _tensor(t: Any, src: str, where: str) -> TensorConfig:
+    if not t.name:
         raise _fail(src, f"{where} needs a name")
-    dt = d.get("dtype", d.get("datatype", d.get("data_type")))
-    if dt is None:
-        raise _fail(src, f"{where} ('{d['name']}') needs a dtype")
-    shape = d.get("shape", d.get("dims"))
-    if shape is None:
-        raise _fail(src, f"{where} ('{d['name']}') needs a shape (without the batch dim when max_batch_size > 0)")
-    return TensorConfig(d["name"], _dtype(dt, src, f"{where} ('{d['name']}')"), _dims(shape, src, where),
-                        bool(d.get("optional", False)))
+    if t.HasField("reshape"):
+        raise _fail(src, f"{where} ('{t.name}'): reshape is not supported; export the model with the shape you serve")
+    if getattr(t, "allow_ragged_batch", False):
+        raise _fail(src, f"{where} ('{t.name}'): allow_ragged_batch is not supported; pad inputs to one shape")
+    return TensorConfig(t.name, _dtype(t.data_type, src, f"{where} ('{t.name}')"),
+                        _dims(t.dims, src, f"{where} ('{t.name}').dims"), bool(getattr(t, "optional", False)))
 
 
-def _duration_us(d: dict, key: str, src: str, where: str) -> int:
-    """Accept key_us, key_ms (may be fractional) or Triton's key_microseconds."""
-    base = key[:-3]
-    if f"{base}_ms" in d:
-        v = d[f"{base}_ms"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise _fail(src, f"{where}.{base}_ms must be a number >= 0, got {v!r}")
-        return int(round(v * 1000))
-    v = d.get(key, d.get(f"{base}_microseconds", 0))
-    return _int(v, src, f"{where}.{key}")
+def _queue_policy(p: mc.ModelQueuePolicy) -> QueuePolicy:
+    return QueuePolicy(p.max_queue_size, p.default_timeout_microseconds, p.allow_timeout_override,
+                       mc.ModelQueuePolicy.TimeoutAction.Name(p.timeout_action))
 
 
-def _yaml_queue_policy(d: dict, src: str, where: str) -> QueuePolicy:
-    action = str(d.get("timeout_action", "reject")).upper()
-    if action not in ("REJECT", "DELAY"):
-        raise _fail(src, f"{where}.timeout_action must be reject or delay, got {d.get('timeout_action')!r}")
-    return QueuePolicy(
-        max_queue_size=_int(d.get("max_queue_size", 0), src, f"{where}.max_queue_size"),
-        default_timeout_us=_duration_us(d, "default_timeout_us", src, where),
-        allow_timeout_override=bool(d.get("allow_timeout_override", True)),
-        timeout_action=action,
-    )
-
-
-_QP_KEYS = {"max_queue_size", "default_timeout_us", "default_timeout_ms", "default_timeout_microseconds",
-            "allow_timeout_override", "timeout_action"}
-_DB_KEYS = _QP_KEYS | {"preferred_batch_sizes", "preferred_batch_size", "max_queue_delay_us", "max_queue_delay_ms",
-                       "max_queue_delay_microseconds", "priority_levels", "default_priority_level",
-                       "priority_queue_policy", "preserve_ordering"}
-_TOP_KEYS = {"name", "max_batch_size", "inputs", "outputs", "input", "output", "dynamic_batching", "instance_count",
-             "version_policy", "warmup", "model_warmup", "default_model_filename", "parameters", "platform", "backend",
-             "build"}
-
-
-def _guarded(fn):
-    """A value of the wrong form deep inside a config (a number where a list belongs, ...) becomes a
-    RepositoryError naming the file, never a stray TypeError."""
-    def wrapper(d: Any, name: str, src: str) -> ModelConfig:
-        try:
-            return fn(d, name, src)
-        except RepositoryError:
-            raise
-        except (AttributeError, TypeError, ValueError, KeyError) as e:
-            raise _fail(src, f"a setting has the wrong form ({type(e).__name__}: {e}); see docs/serve.md for the "
-                             "schema") from None
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
-
-
-@_guarded
-def config_from_yaml(d: dict, name: str, src: str) -> ModelConfig:
-    _check_keys(d, _TOP_KEYS, src, "config")
-    if "name" in d and d["name"] != name:
-        raise _fail(src, f"name '{d['name']}' differs from the model directory '{name}'; make them equal")
-    cfg = ModelConfig(name=name, source=src)
-    cfg.max_batch_size = _int(d.get("max_batch_size", 0), src, "max_batch_size")
-    for key, attr in (("inputs", "inputs"), ("input", "inputs"), ("outputs", "outputs"), ("output", "outputs")):
-        if key in d:
-            if not isinstance(d[key], list):
-                raise _fail(src, f"{key} must be a list")
-            setattr(cfg, attr, [_yaml_tensor(t, src, f"{key}[{i}]") for i, t in enumerate(d[key])])
-    db = d.get("dynamic_batching")
-    if db is not None and db is not False:
-        if db is True:
-            db = {}
-        if not isinstance(db, dict):
-            raise _fail(src, "dynamic_batching must be a mapping (or true for the defaults)")
-        _check_keys(db, _DB_KEYS, src, "dynamic_batching")
-        pref = db.get("preferred_batch_sizes", db.get("preferred_batch_size", []))
-        ppol = db.get("priority_queue_policy") or {}
-        if not isinstance(ppol, dict):
-            raise _fail(src, "dynamic_batching.priority_queue_policy must map a priority level to a queue policy")
+def config_from_message(msg: mc.ModelConfig, name: str, src: str, build: dict[str, Any] | None = None) -> ModelConfig:
+    """Check Triton's ModelConfig message and turn it into the ModelConfig the server runs on."""
+    for key, what in _UNSUPPORTED.items():
+        present = len(getattr(msg, key)) > 0 if key.startswith("batch_") else msg.HasField(key)
+        if present:
+            raise _fail(src, f"{key}: ember serve does not support {what}; remove it to serve this model")
+    if msg.model_transaction_policy.decoupled:
+        raise _fail(src, "model_transaction_policy.decoupled: ember serve does not support decoupled models")
+    if msg.name and msg.name != name:
+        raise _fail(src, f"name '{msg.name}' differs from the model directory '{name}'; make them equal")
+    cfg = ModelConfig(name=name, source=src, build=dict(build or {}))
+    cfg.max_batch_size = _int(msg.max_batch_size, src, "max_batch_size")
+    cfg.inputs = [_tensor(t, src, f"input[{i}]") for i, t in enumerate(msg.input)]
+    cfg.outputs = [_tensor(t, src, f"output[{i}]") for i, t in enumerate(msg.output)]
+    if msg.HasField("dynamic_batching"):
+        db = msg.dynamic_batching
         cfg.dynamic_batching = DynamicBatching(
-            preferred_batch_sizes=tuple(_int(p, src, "preferred_batch_sizes[]", 1) for p in pref),
-            max_queue_delay_us=_duration_us(db, "max_queue_delay_us", src, "dynamic_batching"),
-            priority_levels=_int(db.get("priority_levels", 0), src, "dynamic_batching.priority_levels"),
-            default_priority_level=_int(db.get("default_priority_level", 0), src, "default_priority_level"),
-            default_queue_policy=_yaml_queue_policy(db, src, "dynamic_batching"),
-            priority_queue_policy={_int(int(k), src, "priority level", 1): _yaml_queue_policy(
-                v, src, f"priority_queue_policy[{k}]") for k, v in ppol.items()},
-            preserve_ordering=bool(db.get("preserve_ordering", False)),
+            preferred_batch_sizes=tuple(_int(p, src, "dynamic_batching.preferred_batch_size", 1)
+                                        for p in db.preferred_batch_size),
+            max_queue_delay_us=db.max_queue_delay_microseconds,
+            priority_levels=db.priority_levels,
+            default_priority_level=db.default_priority_level,
+            default_queue_policy=_queue_policy(db.default_queue_policy),
+            priority_queue_policy={_int(k, src, "dynamic_batching.priority_queue_policy key", 1): _queue_policy(v)
+                                   for k, v in sorted(db.priority_queue_policy.items())},
+            preserve_ordering=db.preserve_ordering,
         )
-    cfg.instance_count = _int(d.get("instance_count", 1), src, "instance_count", 1)
-    cfg.version_policy = _yaml_version_policy(d.get("version_policy"), src)
-    warm = d.get("warmup", d.get("model_warmup", []))
-    if not isinstance(warm, list):
-        raise _fail(src, "warmup must be a list of warm-up requests")
-    cfg.warmup = [_yaml_warmup(w, src, i) for i, w in enumerate(warm)]
-    dmf = d.get("default_model_filename")
-    cfg.default_model_filename = str(dmf) if dmf else None
-    params = d.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise _fail(src, "parameters must be a mapping of strings")
-    cfg.parameters = {str(k): str(v) for k, v in params.items()}
-    build = d.get("build") or {}
-    if not isinstance(build, dict):
-        raise _fail(src, "build must be a mapping of ember.build options, like {precision: fp16}")
-    cfg.build = {str(k): v for k, v in build.items()}
+    # a group's count defaults to 1 in Triton; kind and gpus do not apply (instances run on the engine's device)
+    counts = [_int(g.count, src, f"instance_group[{i}].count") or 1 for i, g in enumerate(msg.instance_group)]
+    cfg.instance_count = _int(sum(counts) or 1, src, "the total instance count", 1, MAX_INSTANCES)
+    which = msg.version_policy.WhichOneof("policy_choice")
+    if which == "all":
+        cfg.version_policy = VersionPolicy("all")
+    elif which == "specific":
+        cfg.version_policy = VersionPolicy("specific", versions=tuple(
+            _int(v, src, "version_policy.specific.versions", 1) for v in msg.version_policy.specific.versions))
+    else:
+        cfg.version_policy = VersionPolicy("latest", max(1, msg.version_policy.latest.num_versions))
+    for i, w in enumerate(msg.model_warmup):
+        inputs = {}
+        for k, spec in sorted(w.inputs.items()):
+            at = f"model_warmup[{i}].inputs['{k}']"
+            source = {"random_data": "random", "input_data_file": "file"}.get(spec.WhichOneof("input_data_type"), "zero")
+            file = relative_path(spec.input_data_file, src, f"{at}.input_data_file") if source == "file" else None
+            inputs[k] = WarmupInput(_dtype(spec.data_type, src, at), _dims(spec.dims, src, f"{at}.dims"), source, file)
+        cfg.warmup.append(Warmup(w.name or f"warmup_{i}", max(1, w.batch_size), inputs, max(1, w.count)))
+    if msg.default_model_filename:
+        cfg.default_model_filename = relative_path(msg.default_model_filename, src, "default_model_filename")
+    cfg.parameters = {k: v.string_value for k, v in sorted(msg.parameters.items())}
     validate_config(cfg)
     return cfg
-
-
-def _yaml_version_policy(v: Any, src: str) -> VersionPolicy:
-    if v is None:
-        return VersionPolicy()
-    if v == "all" or (isinstance(v, dict) and "all" in v):
-        return VersionPolicy(kind="all")
-    if v == "latest":
-        return VersionPolicy()
-    if isinstance(v, dict) and len(v) == 1 and "latest" in v:
-        n = v["latest"]
-        n = n.get("num_versions", 1) if isinstance(n, dict) else n
-        return VersionPolicy(kind="latest", num_versions=_int(n, src, "version_policy.latest", 1))
-    if isinstance(v, dict) and len(v) == 1 and "specific" in v:
-        vs = v["specific"]
-        vs = vs.get("versions", []) if isinstance(vs, dict) else vs
-        if not isinstance(vs, list) or not vs:
-            raise _fail(src, "version_policy.specific must be a non-empty list of version numbers")
-        return VersionPolicy(kind="specific", versions=tuple(_int(x, src, "version_policy.specific[]", 1) for x in vs))
-    raise _fail(src, f"version_policy must be 'all', {{latest: N}} or {{specific: [versions]}}, got {v!r}")
-
-
-def _yaml_warmup(w: Any, src: str, i: int) -> Warmup:
-    where = f"warmup[{i}]"
-    if not isinstance(w, dict):
-        raise _fail(src, f"{where} must be a mapping with name, batch_size, inputs")
-    _check_keys(w, {"name", "batch_size", "inputs", "count"}, src, where)
-    inputs: dict[str, WarmupInput] = {}
-    raw = w.get("inputs") or {}
-    if not isinstance(raw, dict):
-        raise _fail(src, f"{where}.inputs must map input names to {{dtype, shape, data}}")
-    for k, spec in raw.items():
-        if not isinstance(spec, dict):
-            raise _fail(src, f"{where}.inputs.{k} must be a mapping with dtype, shape and data")
-        _check_keys(spec, {"dtype", "datatype", "data_type", "shape", "dims", "data", "file"}, src,
-                    f"{where}.inputs.{k}")
-        dt = spec.get("dtype", spec.get("datatype", spec.get("data_type")))
-        shape = spec.get("shape", spec.get("dims"))
-        if dt is None or shape is None:
-            raise _fail(src, f"{where}.inputs.{k} needs dtype and shape")
-        source = "file" if "file" in spec else str(spec.get("data", "zero"))
-        if source not in ("zero", "random", "file"):
-            raise _fail(src, f"{where}.inputs.{k}.data must be zero or random (or give file: path)")
-        inputs[str(k)] = WarmupInput(_dtype(dt, src, f"{where}.inputs.{k}"), _dims(shape, src, f"{where}.inputs.{k}"),
-                                     source, spec.get("file"))
-    return Warmup(str(w.get("name", f"warmup_{i}")), _int(w.get("batch_size", 1), src, f"{where}.batch_size"),
-                  inputs, _int(w.get("count", 1), src, f"{where}.count", 1))
 
 
 def validate_config(cfg: ModelConfig) -> None:

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EmberError
-from .config import ModelConfig
+from . import model_config_pb2 as mc
+from .config import ModelConfig, config_from_json
 from .errors import (BadRequestError, ControlDisabledError, ServeError, ServeStartupError, ShuttingDownError,
                      UnauthorizedError)
 from .metrics import ServerMetrics
 from .model import PLATFORM, ModelSettings, ServedModel
 from .protocol import InferRequest, InferResponse
 from .repository import ModelRepository
-from .triton_config import config_from_pbtxt
 
 log = logging.getLogger("ember.serve")
 
@@ -129,8 +129,8 @@ class InferenceService:
         except ServeError:
             return False
 
-    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
-        return self.model(name, version).config.to_triton_json(PLATFORM)
+    def model_config(self, name: str, version: str | None) -> mc.ModelConfig:
+        return self.model(name, version).config.to_message(PLATFORM)
 
     def statistics(self, name: str | None, version: str | None) -> dict[str, Any]:
         if name:
@@ -161,7 +161,7 @@ class InferenceService:
         config = None
         params = parameters or {}
         if "config" in params:
-            config = config_from_json(params["config"], name)
+            config = load_request_config(params["config"], name)
         unknown = sorted(k for k in params if k != "config")
         if unknown:
             raise BadRequestError(f"load '{name}': unsupported parameter(s) {unknown}; only 'config' is accepted")
@@ -201,8 +201,9 @@ class InferenceService:
                 log.exception("repository poll failed")
 
 
-def config_from_json(text: Any, name: str) -> ModelConfig:
-    """A load request's `config` parameter: Triton's model configuration as a JSON string."""
+def load_request_config(text: Any, name: str) -> ModelConfig:
+    """A load request's `config` parameter: Triton's model configuration as a JSON string, parsed
+    into the same ModelConfig message as config.pbtxt and checked the same way."""
     try:
         doc = json.loads(text) if isinstance(text, (str, bytes)) else text
     except (ValueError, RecursionError) as e:
@@ -210,18 +211,6 @@ def config_from_json(text: Any, name: str) -> ModelConfig:
     if not isinstance(doc, dict):
         raise BadRequestError(f"load '{name}': the 'config' parameter must be a JSON object")
     try:
-        return config_from_pbtxt(_json_to_pb(doc), name, f"load request config for '{name}'")
+        return config_from_json(doc, name, f"load request config for '{name}'")
     except EmberError as e:
         raise BadRequestError(str(e)) from None
-
-
-def _json_to_pb(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: (_json_list(v) if isinstance(v, list) else [_json_to_pb(v)]) for k, v in value.items()}
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)  # proto3 JSON writes 64-bit integers as strings
-    return value
-
-
-def _json_list(values: list) -> list:
-    return [_json_to_pb(v) for v in values]

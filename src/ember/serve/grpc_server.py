@@ -143,8 +143,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict(doc, pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request, context):
-        doc = await self._call(context, self.service.model_config, request.name, request.version or None)
-        return pb.ModelConfigResponse(config=json_format.ParseDict(doc, pb.ModelConfig(), ignore_unknown_fields=True))
+        config = await self._call(context, self.service.model_config, request.name, request.version or None)
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request, context):
         doc = await self._call(context, self.service.statistics, request.name or None, request.version or None)

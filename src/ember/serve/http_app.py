@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import EmberError
+from .config import message_json
 from .core import InferenceService
 from .errors import BadRequestError, PayloadTooLargeError, ServeError, UnsupportedError
 from .http_codec import HEADER_LENGTH, encode_infer_response, loads_json, parse_infer_request
@@ -160,7 +161,7 @@ def build_http_app(service: InferenceService, metrics_here: bool = True) -> Any:
         return Response(status_code=200 if ok else 400)
 
     async def model_config(request: Request) -> Response:
-        return JSONResponse(service.model_config(request.path_params["model"], version_of(request)))
+        return JSONResponse(message_json(service.model_config(request.path_params["model"], version_of(request))))
 
     async def model_stats(request: Request) -> Response:
         return JSONResponse(service.statistics(request.path_params.get("model"), version_of(request)))

@@ -1,13 +1,18 @@
-"""Regenerate the committed gRPC stubs from grpc_service.proto.
+"""Regenerate the committed stubs from grpc_service.proto and model_config.proto.
 
     pip install "grpcio-tools==1.62.3"      # protoc 25: gencode that runs on protobuf 4.25 .. 6.x
     python -m ember.serve.protogen
 
-The stubs are committed so users need no build step. Two edits are made to protoc's output:
+(grpcio-tools 1.62 pins protobuf < 5; install it in a separate virtual environment and run
+`python src/ember/serve/protogen.py` there if your environment has a newer protobuf.)
 
-* the descriptors go into a private descriptor pool, because ember's proto shares the package
-  (`inference`) and file name of Triton's: a process that also imports `tritonclient.grpc`
-  would otherwise fail with "duplicate symbol" on whichever of the two is imported second;
+The stubs are committed so users need no build step. Edits made to protoc's output:
+
+* the descriptors go into a private descriptor pool, because ember's protos share the package
+  (`inference`) and file names of Triton's: a process that also imports `tritonclient.grpc`
+  would otherwise fail with "duplicate symbol" on whichever of the two is imported second.
+  model_config_pb2 owns the pool; grpc_service_pb2, which imports model_config.proto, adds
+  itself to the same pool;
 * the generated modules import each other relatively (`from . import ...`).
 
 Older protoc is chosen on purpose: newer gencode refuses to load on an older protobuf runtime,
@@ -20,20 +25,26 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROTO = HERE / "grpc_service.proto"
+PROTOS = ("model_config.proto", "grpc_service.proto")
 PINNED_TOOLS = "1.62"
 
-_POOL_LINE = (
-    "# ember: a private pool, so this file never collides with Triton's own grpc_service.proto\n"
+_OWN_POOL = (
+    "# ember: a private pool, so this file never collides with Triton's own {proto}\n"
     "_POOL = _descriptor_pool.DescriptorPool()\n"
+)
+_SHARED_POOL = (
+    "# ember: the private pool of model_config.proto, which this file imports\n"
+    "_POOL = model__config__pb2._POOL\n"
 )
 
 
-def _patch_pb2(text: str) -> str:
+def _patch_pb2(text: str, proto: str) -> str:
     if "_descriptor_pool.Default().AddSerializedFile(" not in text:
         raise RuntimeError("unexpected protoc output: no AddSerializedFile call; update ember.serve.protogen")
     text = text.replace("_descriptor_pool.Default().AddSerializedFile(", "_POOL.AddSerializedFile(")
-    return text.replace("\nDESCRIPTOR = _POOL", "\n" + _POOL_LINE + "DESCRIPTOR = _POOL", 1)
+    text = re.sub(r"^import model_config_pb2 as", "from . import model_config_pb2 as", text, flags=re.M)
+    pool = _SHARED_POOL if "model__config__pb2" in text else _OWN_POOL.format(proto=proto)
+    return text.replace("\nDESCRIPTOR = _POOL", "\n" + pool + "DESCRIPTOR = _POOL", 1)
 
 
 def _patch_pb2_grpc(text: str) -> str:
@@ -56,13 +67,18 @@ def generate(out_dir: Path = HERE) -> list[Path]:
               "protobuf 4.25 and newer. Newer gencode may refuse older protobuf runtimes.", file=sys.stderr)
     include = str(Path(protoc.__file__).parent / "_proto")
     rc = protoc.main(["protoc", f"-I{HERE}", f"-I{include}", f"--python_out={out_dir}",
-                      f"--grpc_python_out={out_dir}", str(PROTO)])
+                      f"--grpc_python_out={out_dir}", *(str(HERE / p) for p in PROTOS)])
     if rc != 0:
-        raise SystemExit(f"protoc failed with exit code {rc} on {PROTO}")
-    pb2, pb2_grpc = out_dir / "grpc_service_pb2.py", out_dir / "grpc_service_pb2_grpc.py"
-    pb2.write_text(_patch_pb2(pb2.read_text()))
+        raise SystemExit(f"protoc failed with exit code {rc} on {', '.join(PROTOS)}")
+    written = []
+    for proto in PROTOS:
+        pb2 = out_dir / proto.replace(".proto", "_pb2.py")
+        pb2.write_text(_patch_pb2(pb2.read_text(), proto))
+        written.append(pb2)
+    (out_dir / "model_config_pb2_grpc.py").unlink(missing_ok=True)  # model_config.proto has no service
+    pb2_grpc = out_dir / "grpc_service_pb2_grpc.py"
     pb2_grpc.write_text(_patch_pb2_grpc(pb2_grpc.read_text()))
-    return [pb2, pb2_grpc]
+    return written + [pb2_grpc]
 
 
 if __name__ == "__main__":
