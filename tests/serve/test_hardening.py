@@ -4,11 +4,13 @@ binding beyond loopback, non-ASCII version numbers, and paths that leave the mod
 from __future__ import annotations
 
 import json
+import os
 import resource
 import struct
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -129,3 +131,64 @@ def test_version_folders_are_ascii_digits_only(repo_builder, make_server):
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
         assert not stub.ModelReady(pb.ModelReadyRequest(name="m", version="\u0661"), timeout=10).ready
         assert stub.ModelReady(pb.ModelReadyRequest(name="m", version="1"), timeout=10).ready
+
+
+# ---- every path a configuration names stays inside the model's folder -----------------------------------------
+
+
+def _load(c: httpx.Client, model: str, config: dict) -> httpx.Response:
+    return c.post(f"/v2/repository/models/{model}/load", json={"parameters": {"config": json.dumps(config)}})
+
+
+WARM_X = {"name": "w", "batch_size": 1, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4]}}}
+
+
+def test_load_overrides_cannot_reach_outside_the_model_folder(repo_builder, make_server, tmp_path):
+    model_dir = repo_builder.add("m", "affine", "max_batch_size: 8\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.engine").write_bytes((model_dir / "1" / "model.engine").read_bytes())
+    (model_dir / "1" / "link.engine").symlink_to(outside / "model.engine")
+    (model_dir / "warmup").mkdir()
+    (model_dir / "warmup" / "zero").symlink_to("/dev/zero")
+    os.mkfifo(model_dir / "warmup" / "fifo")
+    (model_dir / "warmup" / "short").write_bytes(b"\0" * 8)
+    srv = make_server(repo_builder.root, model_control_mode="explicit")
+    base = {"max_batch_size": 8}
+    with httpx.Client(base_url=f"http://127.0.0.1:{srv.http_port}", timeout=30) as c:
+        for name in ("/etc/passwd", str(outside / "model.engine"), "../../../outside/model.engine", "a/../../b"):
+            r = _load(c, "m", {**base, "default_model_filename": name})
+            assert r.status_code == 400, r.text
+            assert "default_model_filename must be a relative path inside the model's folder" in r.json()["error"]
+        r = _load(c, "m", {**base, "default_model_filename": "link.engine"})
+        assert r.status_code == 400 and "outside" in r.json()["error"] and "link.engine" in r.json()["error"]
+        for file, message in (("/etc/passwd", "must be a relative path inside the model's folder"),
+                              ("../config.yaml", "must be a relative path inside the model's folder"),
+                              ("zero", "outside"),  # a symlink to /dev/zero
+                              ("fifo", "is not a regular file"),
+                              ("short", "has 8 bytes; exactly 16 are expected"),
+                              ("missing", "cannot open")):
+            warm = {**WARM_X, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": file}}}
+            r = _load(c, "m", {**base, "model_warmup": [warm]})
+            assert r.status_code == 400 and message in r.json()["error"], (file, r.text)
+        huge = {**WARM_X, "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [1 << 20, 1 << 20], "zero_data": True}}}
+        r = _load(c, "m", {**base, "model_warmup": [huge]})
+        assert r.status_code == 400 and "more than the limit" in r.json()["error"]
+        # the model still serves its on-disk configuration after every refused load
+        doc = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 1, 2, 3]}]}
+        assert c.post("/v2/models/m/infer", json=doc).json()["outputs"][0]["data"] == [1, 3, 5, 7]
+        # a warm-up file inside warmup/ of the right size is read, as in Triton
+        (model_dir / "warmup" / "good").write_bytes(np.arange(8, dtype="<f4").tobytes())
+        warm = {**WARM_X, "batch_size": 2,
+                "inputs": {"x": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "good"}}}
+        assert _load(c, "m", {**base, "model_warmup": [warm]}).status_code == 200
+
+
+def test_symlinked_version_folder_outside_the_model_is_refused(repo_builder, make_server, tmp_path):
+    model_dir = repo_builder.add("m", "affine", "max_batch_size: 8\n")
+    elsewhere = tmp_path / "v2"
+    elsewhere.mkdir()
+    (elsewhere / "model.engine").write_bytes((model_dir / "1" / "model.engine").read_bytes())
+    (model_dir / "2").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ServeStartupError, match=r"the model file .* outside"):
+        make_server(repo_builder.root)

@@ -16,10 +16,11 @@ import numpy as np
 
 from .batcher import BatchPolicy, DynamicBatcher
 from .config import ModelConfig, QueuePolicy, TensorConfig, Warmup, WarmupInput
-from .datatypes import KSERVE_TO_NUMPY, element_count
+from .datatypes import KSERVE_TO_NUMPY, deserialize_bytes_tensor, element_count
 from .engine import EngineAdapter, EngineIO
 from .errors import BadRequestError, ModelNotReadyError, RepositoryError, ServeError
 from .protocol import InferRequest, InferResponse, OutputTensor, TensorMeta
+from .safe_files import read_regular_file, resolve_inside
 from .stats import ModelStats
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ember.serve")
 
 PLATFORM = "ember_engine"
+WARMUP_MAX_BYTES = 512 << 20  # per warm-up input: a typo in a shape (or /dev/zero) must not exhaust memory
 
 
 @dataclass
@@ -202,9 +204,21 @@ class ServedModel:
         for name, spec in w.inputs.items():
             shape = ((max(w.batch_size, 1),) if batched else ()) + spec.dims
             dtype = KSERVE_TO_NUMPY[spec.datatype]
+            count = element_count(shape)
+            nbytes = count * dtype.itemsize
+            if nbytes > WARMUP_MAX_BYTES:
+                raise RepositoryError(f"warm-up '{w.name}' input '{name}' of shape {list(shape)} would take {nbytes} "
+                                      f"bytes, more than the limit of {WARMUP_MAX_BYTES}; use a smaller shape")
             if spec.source == "file":
-                path = self.version_dir.parent / "warmup" / str(spec.file)
-                arr = np.frombuffer(path.read_bytes(), dtype=dtype, count=element_count(shape)).reshape(shape)
+                # <model>/warmup/<file>, as in Triton; the name was checked to be relative when the config was read
+                what = f"warm-up '{w.name}' input '{name}': file"
+                path = resolve_inside(self.version_dir.parent / "warmup", str(spec.file), what)
+                if dtype == object:  # BYTES: length-prefixed elements, size known only by reading
+                    arr = deserialize_bytes_tensor(read_regular_file(path, WARMUP_MAX_BYTES, what), count,
+                                                   name).reshape(shape)
+                else:
+                    arr = np.frombuffer(read_regular_file(path, WARMUP_MAX_BYTES, what, exact=nbytes),
+                                        dtype=dtype.newbyteorder("<"), count=count).reshape(shape)
             elif spec.source == "random" and dtype.kind == "f":
                 arr = rng.random(shape).astype(dtype)
             elif spec.source == "random" and dtype.kind in "iub":

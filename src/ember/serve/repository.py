@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 
 from .config import ModelConfig, load_model_config
 from .errors import BadRequestError, ModelNotFoundError, ModelNotReadyError, RepositoryError
+from .engine import find_model_file
 from .model import ModelSettings, ServedModel
+from .safe_files import resolve_inside
 
 if TYPE_CHECKING:
     from .metrics import ServerMetrics
@@ -37,6 +39,13 @@ class _Entry:
     reason: str = "unloaded"
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     signature: tuple = ()
+
+
+def model_file_inside(model_dir: Path, version_dir: Path, preferred: str | None, label: str) -> Path:
+    """The engine (or ONNX) file a version serves, which must lie inside the model's folder once
+    symlinks are resolved: a config (or a load request's override) cannot point it elsewhere."""
+    path = find_model_file(version_dir, preferred)
+    return resolve_inside(model_dir, path.relative_to(model_dir), f"{label}: the model file")
 
 
 class ModelRepository:
@@ -97,6 +106,8 @@ class ModelRepository:
                 if not wanted:
                     raise RepositoryError(f"model '{name}': no version to serve; version folders {sorted(available)}, "
                                           f"policy {config.version_policy.kind}")
+                for v in wanted:
+                    model_file_inside(model_dir, available[v], config.default_model_filename, f"model '{name}'")
             except (RepositoryError, OSError) as e:
                 if not entry.versions:
                     entry.state, entry.reason = "UNAVAILABLE", str(e)
