@@ -5,7 +5,7 @@ available), vendor kernels reached through torch (cuDNN, cuBLAS/cuBLASLt, SDPA),
 Triton kernels. The builder times the applicable tactics and writes the winner's name into
 ``node.meta["tactic"]``; the runtime resolves that name here: a tactic is code of this package,
 chosen by name. The compiled binaries of the Triton kernels an engine launches travel in the engine
-file (runtime/kernel_store.py), so a load on the same GPU and Triton version compiles nothing.
+file (kernel_store.py), so a load on the same GPU and Triton version compiles nothing.
 """
 from __future__ import annotations
 
