@@ -213,3 +213,14 @@ def test_sigterm_closes_idle_and_slow_connections_and_finishes_in_flight_request
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_grpc_connections_must_finish_the_handshake_in_time(repo_builder, make_server):
+    repo_builder.add("m", "affine", "max_batch_size: 8\n")
+    srv = make_server(repo_builder.root, header_timeout_s=1.0)
+    for payload in (b"", b"PRI * HTTP/2.0\r\n"):  # silent, and a preface that never finishes
+        s = _connect(srv.grpc_port, "127.0.0.1", payload)
+        t0 = time.monotonic()
+        assert _closed_by_server(s, 5.0) is not None  # (the server's SETTINGS frame, then the close)
+        assert 0.5 < time.monotonic() - t0 < 3.0
+        s.close()
