@@ -6,7 +6,9 @@ import json
 import time
 import tracemalloc
 import zipfile
+import zlib
 
+import numpy as np
 import pytest
 
 import ember
@@ -273,4 +275,29 @@ def test_duplicate_member_is_refused(engine_path, tmp_path):
                 z.writestr(n, b)
             z.writestr("graph.json", b"{}")
     with pytest.raises(EngineFileError, match="holds member 'graph.json' twice"):
+        ember.Engine.load(p)
+
+
+def test_a_deflated_repack_of_an_engine_still_loads(engine_path, tmp_path):
+    """Engines are written stored; one re-zipped with deflate (an artifact store, `zip -r`) is the same
+    engine and loads, within the inflation caps."""
+    p = tmp_path / "deflated.engine"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for n, b in members(engine_path).items():
+            z.writestr(n, b)
+    with zipfile.ZipFile(p) as z:
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
+    assert ember.Engine.load(p).run({"x": np.ones((2, 4), np.float32)})["y"].shape == (2, 4)
+
+
+def test_binary_members_inflating_more_than_json_may_are_refused(engine_path, tmp_path):
+    """20x is plausible for JSON but not for weights: a 20 MiB weights member from 1 MiB is refused."""
+    items = members(engine_path)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    raw = c.compress(np.random.default_rng(0).bytes(1 << 20)) + c.compress(b"\0" * (19 << 20)) + c.flush()
+    assert 19 < (20 << 20) / len(raw) < 21
+    p = tmp_path / "ratio.engine"
+    write_raw(p, [(n, b, 0, len(b)) for n, b in items.items() if n != "weights.safetensors"]
+              + [("weights.safetensors", raw, zipfile.ZIP_DEFLATED, 20 << 20)])
+    with pytest.raises(EngineFileError, match=r"would inflate .* \(at most 10x\)"):
         ember.Engine.load(p)

@@ -19,7 +19,7 @@ A load checks, in this order, and nothing is inflated or parsed before the check
 1. the zip's central directory: each member name is one of the above (kernels in kernel_store's
    form), none twice, stored or deflated, within a cap for its kind (manifest 32 MiB, digest 64 KiB,
    graph 256 MiB, kernel metadata 1 MiB, kernel binary 64 MiB; weights: only the next rule), its
-   compressed bytes inside the archive, and at most 100x larger inflated than compressed;
+   compressed bytes inside the archive, and inflating at most 100x (JSON) or 10x (binaries);
 2. manifest.json (a bounded read) is JSON naming this format and version; version 1 files (no
    digest) are refused with a message to rebuild them;
 3. digest.json matches the manifest's SHA-256, then the signature policy (signing.py);
@@ -58,7 +58,8 @@ FORMAT_VERSION = 2
 DIGEST_FORMAT = "ember-engine-digest"
 MANIFEST, DIGEST, GRAPH, WEIGHTS = "manifest.json", "digest.json", "graph.json", "weights.safetensors"
 MAX_MEMBERS = 1 << 16
-MAX_INFLATION = 100  # deflate reaches ~1000x on zeros; real weights and JSON stay far below 100x
+# deflate reaches ~1000x on zeros; JSON deflates 5-20x, weights and cubins less than 4x
+MAX_INFLATION_JSON, MAX_INFLATION_BINARY = 100, 10
 _FIXED_CAPS = {MANIFEST: 32 << 20, DIGEST: 64 << 10, GRAPH: 256 << 20, WEIGHTS: None}
 
 
@@ -264,10 +265,10 @@ def _check_directory(zf: zipfile.ZipFile, path: str) -> dict[str, zipfile.ZipInf
             raise EngineFileError(f"{where} would be {info.file_size} bytes; at most {cap} are allowed for it. "
                                   "Refused without reading it; rebuild the engine.")
         stored = info.compress_type == zipfile.ZIP_STORED
-        if (stored and info.file_size != info.compress_size) or \
-                info.file_size > MAX_INFLATION * max(info.compress_size, 1):
+        ratio = MAX_INFLATION_JSON if name.endswith(".json") else MAX_INFLATION_BINARY
+        if (stored and info.file_size != info.compress_size) or info.file_size > ratio * max(info.compress_size, 1):
             raise EngineFileError(f"{where} would inflate {info.compress_size} bytes to {info.file_size} (at most "
-                                  f"{MAX_INFLATION}x): refused without inflating it (a zip bomb, or damage). "
+                                  f"{ratio}x): refused without inflating it (a zip bomb, or damage). "
                                   "Rebuild the engine.")
         out[name] = info
     if MANIFEST not in out:
