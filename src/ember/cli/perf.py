@@ -16,7 +16,9 @@ import click
 @click.option("--concurrency-range", default="1:8:1", show_default=True,
               help="start:end:step (additive, as perf_analyzer) or a list like 1,4,16,64.")
 @click.option("-b", "--batch-size", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--shape", "shapes", multiple=True, help="Shape of an input with variable dims: name:1,3,224,224.")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:D,D,...",
+              help="Shape to send for an input with variable dims the model's config and warm-up do not fix: "
+                   "the whole request shape, or without the batch dim for a batching model.")
 @click.option("--duration", type=click.FloatRange(0.1), default=5.0, show_default=True,
               help="Measured seconds per concurrency level.")
 @click.option("--warmup", type=click.FloatRange(0), default=1.0, show_default=True,

@@ -25,6 +25,7 @@ from .errors import BadRequestError, InferenceFailedError, RepositoryError
 log = logging.getLogger("ember.serve")
 
 ENGINE_FILENAMES = ("model.engine", "model.onnx")
+MODEL_SUFFIXES = (".engine", ".onnx")  # what a version folder's model file may be called otherwise
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,29 @@ def _io(spec: Any) -> EngineIO:
 
 
 def find_model_file(version_dir: Path, preferred: str | None) -> Path:
+    """The file a model version serves: ``preferred`` (the config's default_model_filename), else
+    model.engine, else model.onnx, else the one .engine or .onnx file of the folder, whatever its
+    name (`cp digits_cnn.onnx models/digits/1/` serves as it is)."""
     names = ([preferred] if preferred else []) + [n for n in ENGINE_FILENAMES if n != preferred]
     for name in names:
         path = version_dir / name
         if path.is_file():
             return path
-    raise RepositoryError(f"{version_dir}: no model file; put {' or '.join(names)} in the version folder")
+    try:
+        present = sorted(p for p in version_dir.iterdir() if not p.name.startswith("."))
+    except OSError as e:
+        raise RepositoryError(f"{version_dir}: cannot list the version folder ({e.strerror or e})") from None
+    candidates = [p for p in present if p.suffix.lower() in MODEL_SUFFIXES and p.is_file()]
+    if len(candidates) == 1:
+        return candidates[0]
+    if candidates:
+        raise RepositoryError(
+            f"{version_dir}: {len(candidates)} model files ({', '.join(p.name for p in candidates)}) and none "
+            f"named {' or '.join(names)}; a version serves one: remove the others, rename the one to serve "
+            "model.engine or model.onnx, or name it in the model's config (default_model_filename)")
+    found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in present[:10]) + (" ..." if len(present) > 10 else "")
+    raise RepositoryError(f"{version_dir}: no model file (found: {found or 'nothing'}); put one .engine or .onnx "
+                          f"file in the version folder (ember build model.onnx -o {version_dir / 'model.engine'})")
 
 
 def _source_digest(version_dir: Path, onnx_file: Path, options: dict[str, Any]) -> str:

@@ -123,16 +123,12 @@ def fetch_metadata(target: PerfTarget) -> tuple[dict, dict]:
 
 
 def make_inputs(target: PerfTarget, meta: dict, config: dict) -> dict[str, tuple[str, np.ndarray]]:
-    batched = int(config.get("max_batch_size", 0) or 0) > 0
+    """One request's inputs: random data of the shapes ``request_shape`` picks."""
     rng = np.random.default_rng(0)
     out = {}
     for t in meta["inputs"]:
         name, dt = t["name"], t["datatype"]
-        shape = list(target.shapes.get(name, t["shape"]))
-        if batched and name not in target.shapes:
-            shape[0] = target.batch_size
-        if any(d < 0 for d in shape):
-            raise PerfError(f"input '{name}' has variable dims {t['shape']}; give them with --shape {name}:1,2,3")
+        shape = request_shape(target, t, config)
         dtype = KSERVE_TO_NUMPY[dt]
         if dt == "BYTES":
             arr = np.full(shape, b"ember", dtype=object)
@@ -143,6 +139,47 @@ def make_inputs(target: PerfTarget, meta: dict, config: dict) -> dict[str, tuple
         else:
             arr = rng.integers(0, 2, shape).astype(dtype)
         out[name] = (dt, arr)
+    return out
+
+
+def request_shape(target: PerfTarget, meta_input: dict, config: dict) -> list[int]:
+    """The shape to send for one input. Its metadata shape (the batch dim first when the model
+    batches) with the batch dim set to --batch-size; a variable dim (-1) takes its size from
+    --shape, else the model's config (its input dims), else the model's warm-up entries, which
+    the server ran at load time. With none of these, the error says which --shape to give."""
+    name, full = meta_input["name"], [int(d) for d in meta_input["shape"]]
+    batched = int(config.get("max_batch_size", 0) or 0) > 0
+    lead = 1 if batched and full else 0
+    if name in target.shapes:
+        given = list(target.shapes[name])
+        if len(given) == len(full):
+            return given
+        if lead and len(given) == len(full) - 1:  # perf_analyzer's --shape: without the batch dim
+            return [target.batch_size] + given
+        raise PerfError(f"--shape {name}:{','.join(map(str, given))} has {len(given)} dims; input '{name}' has "
+                        f"{len(full)} ({full}, -1 = variable{', the batch dim first' if lead else ''}): "
+                        f"give --shape {name}:{','.join(str(d if d >= 0 else 1) for d in full)}")
+    shape = ([target.batch_size] if lead else []) + full[lead:]
+    for dims in _config_dims(config, name):
+        if len(dims) == len(shape) - lead:
+            shape = shape[:lead] + [d if d >= 0 else c for d, c in zip(shape[lead:], dims)]
+    if any(d < 0 for d in shape):
+        example = ",".join(str(d if d >= 0 else 1) for d in shape)
+        raise PerfError(f"input '{name}' has variable dims {full} (-1), and neither the model's config nor its "
+                        f"warm-up says what size to send; give them with --shape {name}:{example} "
+                        f"(the whole request shape{', or without the batch dim' if lead else ''}), or put "
+                        "the dims in the model's config or a warmup entry")
+    return shape
+
+
+def _config_dims(config: dict, name: str) -> list[list[int]]:
+    """Dims the model's configuration gives an input (without the batch dim when it batches):
+    its input entry, then each warm-up request that feeds it."""
+    out = [[int(d) for d in t.get("dims", [])] for t in config.get("input", []) if t.get("name") == name]
+    for w in config.get("model_warmup", []):
+        spec = (w.get("inputs") or {}).get(name)
+        if spec and spec.get("dims"):
+            out.append([int(d) for d in spec["dims"]])
     return out
 
 
