@@ -187,6 +187,7 @@ _OPTIONAL: dict[str, Callable[[str, Any], Any]] = {
     "device": lambda f, v: _str(f, v, 16, re.compile(r"(cpu|cuda)\Z")),
     "precision": lambda f, v: _str(f, v, 32, _WORD),
     "opt_level": lambda f, v: _int(f, v, 0, 9),
+    "builder_level": lambda f, v: _int(f, v, 0, 9),
     "build_host": lambda f, v: _build_host(v),
     "memory": _memory,
     "static_shapes": _shapes,
