@@ -314,7 +314,7 @@ def save_onnx(model: onnx.ModelProto, path: "str | os.PathLike") -> None:
 
 def _drop_unread_initializers(gp: onnx.GraphProto) -> None:
     """Weights that only a spelled-out node read in their original layout (a transposed GEMM weight)."""
-    read = {o.name for o in gp.output}
+    read = {o.name for o in gp.output} | {i.name for i in gp.input}  # an input's default stays
     work = [gp]
     while work:
         g = work.pop()
