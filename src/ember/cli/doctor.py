@@ -110,7 +110,7 @@ def diagnose_engine(path: str, host: dict[str, Any], *, gpu_index: Optional[int]
     problems = check_engine(manifest, host, gpu_index=gpu_index, **kw)
     device = None
     if will_run(problems):
-        device = _device_of(manifest, host, gpu_index)
+        device = _device_of(host, gpu_index)
     elif gpu_index is None and manifest.get("device") == "cuda":
         # the first GPU does not fit: name another one of this machine that does
         for g in (host.get("gpus") or [])[1:]:
@@ -163,11 +163,11 @@ def _integrity_problems(path: str, verify_key: Optional[bytes]) -> list[Problem]
     return []
 
 
-def _device_of(manifest: dict[str, Any], host: dict[str, Any], gpu_index: Optional[int]) -> str:
+def _device_of(host: dict[str, Any], gpu_index: Optional[int]) -> str:
+    """Where Engine.load(path) would run a runnable engine: the GPU when torch can use one, else the CPU."""
     gpus = host.get("gpus") or []
-    usable = not (host.get("cuda") or {}).get("unavailable") and gpus
-    if manifest.get("device") == "cuda" or usable:
-        return f"cuda:{gpu_index if gpu_index is not None else gpus[0].get('index', 0)}" if usable else "cpu"
+    if gpus and not (host.get("cuda") or {}).get("unavailable"):
+        return f"cuda:{gpu_index if gpu_index is not None else gpus[0].get('index', 0)}"
     return "cpu"
 
 
