@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -18,6 +19,7 @@ from ..kernels import kernel_store
 from ..ops.torch_types import from_torch, to_numpy_value, to_torch_value
 from .format import EngineArchive, write_engine
 from .interpreter import Interpreter
+from .mathmode import MathMode
 from .signing import KeySource, load_key
 
 log = logging.getLogger(__name__)
@@ -55,38 +57,57 @@ def resolve_device(device: "str | torch.device | None") -> torch.device:
     return dev
 
 
+class FallbackError(EngineFileError):
+    """A tactic or generated kernel the engine was built with cannot run here."""
+
+
 class Engine:
-    """Runs an optimized graph. Thread-safe: concurrent ``run`` calls share weights, not state."""
+    """Runs an optimized graph. Thread-safe: each calling thread gets its own execution context
+    (stream, CUDA graphs, staging buffers); all of them share the weights."""
 
     def __init__(self, graph: Graph, manifest: "dict[str, Any] | None" = None, *,
-                 device: "str | torch.device | None" = None, weights: "dict[str, torch.Tensor] | None" = None):
+                 device: "str | torch.device | None" = None, weights: "dict[str, torch.Tensor] | None" = None,
+                 allow_fallback: bool = False):
         self.graph = graph
         self.manifest = dict(manifest or {})
         self._device = resolve_device(device)
         consts = {k[len("const/"):]: t for k, t in (weights or {}).items() if k.startswith("const/")}
-        self._interp = Interpreter(graph, self._device, consts or None)
+        # fp32 engines compute in true fp32 unless built with tf32: set per engine while its kernels
+        # launch (mathmode.py), never for the whole process
+        self.math = MathMode.of_manifest(self.manifest)
+        self._interp = Interpreter(graph, self._device, consts or None, math=self.math)
         # compiled Triton kernels stored with the engine: kernels/<hash>/<file> -> bytes
         self.kernel_binaries: dict[str, bytes] = {}
         self.inputs = [_spec(v) for v in graph.inputs]
         self.outputs = [_spec(v) for v in graph.outputs]
         self.profiles = [{k: tuple(tuple(d) for d in v) for k, v in p.items()}
                          for p in self.manifest.get("profiles", [])]
-        if self._device.type == "cuda":
-            # fp32 engines compute in true fp32 unless built with tf32 (torch's cuDNN default is tf32)
-            tf32 = bool(self.manifest.get("allow_tf32", False))
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            torch.backends.cudnn.allow_tf32 = tf32
+        self.fallbacks = self._fallbacks()
+        if self.fallbacks:
+            msg = (f"{len(self.fallbacks)} layer(s) of this engine cannot run with the kernels it was built with "
+                   f"on {self._device} (they would fall back to the reference implementation): "
+                   + "; ".join(self.fallbacks[:8]) + (" …" if len(self.fallbacks) > 8 else ""))
+            if not allow_fallback:
+                raise FallbackError(msg + ". Rebuild the engine here with `ember build`, or accept the slower "
+                                    "reference kernels with allow_fallback=True (--allow-fallback).")
+            log.warning("%s", msg)
+        self._local = threading.local()
 
     # -- files ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: "str | os.PathLike", device: "str | torch.device | None" = None,
-             allow_other_gpu: bool = False, verify_key: "KeySource | None" = None) -> "Engine":
+             allow_other_gpu: bool = False, verify_key: "KeySource | None" = None,
+             allow_fallback: bool = False) -> "Engine":
         """Load an engine file. An engine tuned on one GPU model refuses to load on another unless
         ``allow_other_gpu`` (it then runs correctly with tactics chosen for the other GPU).
 
         ``verify_key`` (bytes, or the path of a key file): load only an engine signed with this key
         (``ember build --sign-key``). Without it, a signed engine is refused: its builder asked that
-        it be verified."""
+        it be verified.
+
+        A layer whose tactic or generated kernel cannot run here is an error naming it
+        (``FallbackError``); ``allow_fallback`` runs such layers with the reference kernels instead,
+        with a warning that lists them."""
         dev = resolve_device(device)
         key = load_key(verify_key) if verify_key is not None else None
         with EngineArchive.open(path, key, require_key_if_signed=True) as arc:
@@ -113,7 +134,10 @@ class Engine:
                 except OSError as e:  # an unwritable kernel folder costs compile time, not correctness
                     log.warning("engine '%s': stored kernels not restored into %s (%s); they will be compiled on "
                                 "first use", os.fspath(path), kernel_store.store_dir(), e)
-        engine = cls(f.graph, f.manifest, device=dev, weights=f.weights)
+        try:
+            engine = cls(f.graph, f.manifest, device=dev, weights=f.weights, allow_fallback=allow_fallback)
+        except FallbackError as e:
+            raise FallbackError(f"engine '{os.fspath(path)}': {e}") from None
         engine.kernel_binaries = kernels
         if dev.type == "cuda":
             _init_vendor_libraries(f.graph, dev)  # overlaps the prewarm thread's hashing
@@ -141,77 +165,123 @@ class Engine:
     def device(self) -> str:
         return self._device.type
 
-    def create_execution_context(self, cuda_graph: bool = True, max_graphs: int = 8) -> "ExecutionContext":
-        """A context to run this engine on its own stream; contexts share the engine's weights."""
+    def _fallbacks(self) -> list[str]:
+        """Layers whose build-time kernels cannot run here: tactics that do not bind on this device,
+        and fusion groups that were generated at build time but cannot be now."""
+        out = list(self._interp.fallbacks)
+        built = self.manifest.get("fusion_groups")
+        if self._device.type == "cuda" and isinstance(built, list):
+            for gid in built:
+                if str(gid) not in self._interp.group_kernels:
+                    why = self._interp.groups_skipped.get(str(gid), "no kernel can be generated here")
+                    out.append(f"fusion group {gid}: {why}")
+        return out
+
+    def create_execution_context(self, cuda_graph: bool = True, max_graphs: int = 32,
+                                 max_graph_bytes: "int | None" = None, buckets: bool = True) -> "ExecutionContext":
+        """A context to run this engine on its own stream; contexts share the engine's weights.
+        ``max_graph_bytes`` caps the device memory its plans hold (LRU); ``buckets`` pads a dynamic
+        batch to a captured size where the model treats rows independently (buckets.py)."""
         from .context import ExecutionContext
 
-        return ExecutionContext(self, cuda_graph=cuda_graph, max_graphs=max_graphs)
+        return ExecutionContext(self, cuda_graph=cuda_graph, max_graphs=max_graphs,
+                                max_graph_bytes=max_graph_bytes, buckets=buckets)
+
+    def context(self) -> "ExecutionContext":
+        """The calling thread's execution context (made on first use): what ``run`` goes through."""
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._local.ctx = self.create_execution_context()
+        return ctx
+
+    def capture_report(self, feeds: "Mapping[str, Any] | None" = None) -> dict[str, Any]:
+        """How ``run(feeds)`` executes here: one CUDA graph, or segments with the nodes that break it."""
+        return self.context().capture_report(feeds)
 
     # -- running --------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run on a dict of inputs (numpy arrays or torch tensors).
 
         Returns numpy arrays, or torch tensors on the engine's device when every input was a tensor.
+        On a GPU each calling thread runs through its own ExecutionContext: CUDA graphs per input
+        signature, inputs and outputs staged through reused pinned buffers.
         """
         if not isinstance(feeds, Mapping):
             raise InputError(f"run() takes a dict of input name -> array; got {type(feeds).__name__}. "
                              f"Inputs: {', '.join(s.name for s in self.inputs)}")
-        as_torch = bool(feeds) and all(isinstance(x, torch.Tensor) for x in feeds.values())
-        tensors = self._check_inputs(feeds)
-        with torch.inference_mode():
-            outs = self._interp.run(tensors)
-        if as_torch:
-            return outs
-        return {k: to_numpy_value(v) for k, v in outs.items()}
+        if bool(feeds) and all(isinstance(x, torch.Tensor) for x in feeds.values()):
+            if self._device.type == "cuda":
+                self._check_names(feeds)
+                return self.context().run_device({k: x.to(self._device) for k, x in feeds.items()})
+            tensors = self._check_inputs(feeds)
+            with torch.inference_mode():
+                return self._interp.run(tensors)
+        return self.context().run(feeds)
 
     __call__ = run
 
-    def _check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        expected = {v.name: v for v in self.graph.inputs}
+    def _check_names(self, feeds: Mapping[str, Any]) -> None:
+        expected = {v.name for v in self.graph.inputs}
         unknown = [k for k in feeds if k not in expected]
         if unknown:
             raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; this engine's inputs are: "
                              + ", ".join(str(s) for s in self.inputs))
-        missing = [k for k in expected if k not in feeds]
+        missing = [v.name for v in self.graph.inputs if v.name not in feeds]
         if missing:
             raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; this engine's inputs are: "
                              + ", ".join(str(s) for s in self.inputs))
+
+    def _check_specs(self, specs: Mapping[str, tuple]) -> None:
+        """Check each tensor input's (shape, dtype) against the engine: dtype, rank, fixed dims, dims
+        that share a name, profiles. ``dtype``: a numpy or torch dtype, or a DType."""
         bound: dict[str, tuple[int, str]] = {}
+        for v in self.graph.inputs:
+            if v.kind != "tensor" or v.name not in specs:
+                continue
+            shape, dt = specs[v.name]
+            shape = tuple(int(d) for d in shape)
+            got_dt = _as_dtype(dt, v.name)
+            if v.dtype is not None and got_dt != v.dtype:
+                raise InputError(f"input '{v.name}' has dtype {got_dt.value}; the engine expects {v.dtype.value} "
+                                 f"(convert it, e.g. x.astype('{v.dtype.value}'))")
+            if v.shape is None:
+                continue
+            if len(shape) != len(v.shape):
+                raise InputError(f"input '{v.name}' has rank {len(shape)} (shape {list(shape)}); the engine "
+                                 f"expects rank {len(v.shape)}: {_spec(v)}")
+            for i, (d, want) in enumerate(zip(shape, v.shape)):
+                if isinstance(want, int) and d != want:
+                    raise InputError(f"input '{v.name}' has size {d} at axis {i}; the engine expects {want} "
+                                     f"({_spec(v)})")
+                sym = as_symbol(want)
+                if sym is not None:
+                    if sym in bound and bound[sym][0] != d:
+                        raise InputError(
+                            f"dim '{sym}' is {bound[sym][0]} in input '{bound[sym][1]}' but {d} in input "
+                            f"'{v.name}' (axis {i}); inputs that share a dim name must agree")
+                    bound.setdefault(sym, (d, v.name))
+        if self.profiles:
+            self._check_profiles({k: tuple(int(d) for d in sd[0]) for k, sd in specs.items()})
+
+    def _check_inputs(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Check the inputs and make them runtime values on the engine's device (the eager path)."""
+        self._check_names(feeds)
         out: dict[str, Any] = {}
-        for name, v in expected.items():
-            x = feeds[name]
+        specs: dict[str, tuple] = {}
+        for v in self.graph.inputs:
+            x = feeds[v.name]
             if v.kind != "tensor":
-                out[name] = to_torch_value(x, self._device)
+                out[v.name] = to_torch_value(x, self._device)
                 continue
             if not isinstance(x, (torch.Tensor, np.ndarray)):
                 try:
                     x = np.asarray(x, dtype=to_numpy(v.dtype) if v.dtype else None)
                 except (TypeError, ValueError) as e:
-                    raise InputError(f"input '{name}': cannot make an array of {type(x).__name__} ({e})") from None
-            got_dt = from_torch(x.dtype) if isinstance(x, torch.Tensor) else _np_dtype(x.dtype, name)
-            if v.dtype is not None and got_dt != v.dtype:
-                raise InputError(f"input '{name}' has dtype {got_dt.value}; the engine expects {v.dtype.value} "
-                                 f"(convert it, e.g. x.astype('{v.dtype.value}'))")
-            shape = tuple(x.shape)
-            if v.shape is not None:
-                if len(shape) != len(v.shape):
-                    raise InputError(f"input '{name}' has rank {len(shape)} (shape {list(shape)}); the engine "
-                                     f"expects rank {len(v.shape)}: {_spec(v)}")
-                for i, (d, want) in enumerate(zip(shape, v.shape)):
-                    if isinstance(want, int) and d != want:
-                        raise InputError(f"input '{name}' has size {d} at axis {i}; the engine expects {want} "
-                                         f"({_spec(v)})")
-                    sym = as_symbol(want)
-                    if sym is not None:
-                        if sym in bound and bound[sym][0] != d:
-                            raise InputError(
-                                f"dim '{sym}' is {bound[sym][0]} in input '{bound[sym][1]}' but {d} in input "
-                                f"'{name}' (axis {i}); inputs that share a dim name must agree")
-                        bound.setdefault(sym, (d, name))
-            out[name] = to_torch_value(x, self._device)
-        if self.profiles:
-            self._check_profiles({k: tuple(v.shape) for k, v in out.items() if isinstance(v, torch.Tensor)})
-        return out
+                    raise InputError(f"input '{v.name}': cannot make an array of {type(x).__name__} ({e})") from None
+            specs[v.name] = (tuple(x.shape), x.dtype)
+            out[v.name] = x
+        self._check_specs(specs)
+        return {k: (to_torch_value(x, self._device) if k in specs else x) for k, x in out.items()}
 
     def _check_profiles(self, shapes: dict[str, tuple[int, ...]]) -> None:
         for p in self.profiles:
@@ -228,6 +298,17 @@ class Engine:
         ins = ", ".join(str(s) for s in self.inputs)
         outs = ", ".join(str(s) for s in self.outputs)
         return f"Engine({self.device}; inputs: {ins}; outputs: {outs}; {len(self.graph.nodes)} nodes)"
+
+
+def _as_dtype(dt: Any, name: str) -> DType:
+    if isinstance(dt, DType):
+        return dt
+    if isinstance(dt, torch.dtype):
+        try:
+            return from_torch(dt)
+        except ValueError:
+            raise InputError(f"input '{name}' has dtype {dt}, which ember does not run") from None
+    return _np_dtype(np.dtype(dt), name)
 
 
 def _np_dtype(dt: np.dtype, name: str) -> DType:
