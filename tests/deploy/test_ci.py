@@ -28,7 +28,8 @@ def test_artifact_name_is_the_manifests(tmp_path, capsys):
     assert mod.main([eng, "--model", "ResNet50"]) == 0
     name = capsys.readouterr().out.strip()
     from ember.kernels import kernel_store
-    assert name == f"resnet50-ember0.1.0-nvidia-h200-sm90-fp16-torch2.11.0-triton{kernel_store.triton_version()}-cuda13.0"
+    triton = kernel_store.triton_version()
+    assert name == f"resnet50-ember0.1.0-nvidia-h200-sm90-fp16-torch2.11.0-triton{triton}-cuda13.0"
     out = tmp_path / "github_output"
     import os
     os.environ["GITHUB_OUTPUT"] = str(out)

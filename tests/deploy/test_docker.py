@@ -39,7 +39,7 @@ def constraints() -> dict[str, str]:
         line = line.split("#", 1)[0].strip()
         if line:
             name, sep, version = line.partition("==")
-            assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.+]*", version), f"constraints.txt: '{line}' is not NAME==VERSION"
+            assert sep and re.fullmatch(r"[0-9][0-9A-Za-z.+]*", version), f"constraints.txt: '{line}' is not N==V"
             pins[name.lower()] = version
     return pins
 

@@ -150,7 +150,8 @@ def test_service_monitor_and_hpa_point_at_what_exists():
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ember"}
     (metric,) = hpa["spec"]["metrics"]
-    rules = kube.yaml.safe_load(kube.load_docs(kube.K8S / "prometheus-adapter/adapter-config.yaml")[0]["data"]["config.yaml"])
+    adapter = kube.load_docs(kube.K8S / "prometheus-adapter/adapter-config.yaml")[0]
+    rules = kube.yaml.safe_load(adapter["data"]["config.yaml"])
     published = {rule["name"]["as"]: rule for rule in rules["rules"]}
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in published
     helm = kube.load_docs(kube.K8S / "prometheus-adapter/values.yaml")[0]

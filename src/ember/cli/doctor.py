@@ -235,7 +235,8 @@ def _print_report(host: dict[str, Any], host_problems: list[Problem], reports: l
               "serve_cache": "serve"}
     for name, c in host["caches"].items():
         state = ("exists" if c["exists"] else "not created yet") + ("" if c["writable"] else ", NOT writable")
-        row(labels.get(name, name), f"{c['path']}  ({state}; {c['what']})" + ("  [path assumed]" if c.get("assumed") else ""))
+        assumed = "  [path assumed]" if c.get("assumed") else ""
+        row(labels.get(name, name), f"{c['path']}  ({state}; {c['what']}){assumed}")
     for p in host_problems:
         _print_problem(out, p)
     if reports:

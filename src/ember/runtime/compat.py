@@ -139,7 +139,7 @@ def gpu_problems(manifest: dict[str, Any], gpu: dict[str, Any], *, allow_other_g
     if need and have and have < need:
         out.append(Problem("precision", ERROR,
                            f"{precision} needs compute capability {need[0]}.{need[1]} or newer; this GPU has {cap}",
-                           f"rebuild it in fp16 (`ember build ... --fp16`), or run it on a newer GPU"))
+                           "rebuild it in fp16 (`ember build ... --fp16`), or run it on a newer GPU"))
     mem = manifest.get("memory") if isinstance(manifest.get("memory"), dict) else {}
     need_mib = sum(v for k in ("weights_mib", "activations_peak_mib")
                    if isinstance(v := mem.get(k), (int, float)) and not isinstance(v, bool))
@@ -231,15 +231,16 @@ def _kernel_problems(m: "_Manifest", host: dict[str, Any], members: Optional[Ite
     uses_triton = bool(built_triton) or generated > 0
     triton = host.get("triton")
     if uses_triton and "triton" in host and not triton:
+        built = f" (built with triton {built_triton})" if built_triton else ""
         out.append(Problem("triton_missing", ERROR,
-                           f"the engine runs generated Triton kernels{f' (built with triton {built_triton})' if built_triton else ''}; "
-                           "triton is not installed here",
+                           f"the engine runs generated Triton kernels{built}; triton is not installed here",
                            f"pip install triton=={built_triton}" if built_triton else "pip install triton"))
         return out
     if built_triton and triton and built_triton != triton:
+        n = f"{count} " if isinstance(count, int) else ""
         out.append(Problem("triton_version", WARNING,
-                           f"its {count if isinstance(count, int) else ''} compiled kernels are for triton {built_triton}; "
-                           f"this is triton {triton}: they are compiled again on first use (slower first requests)",
+                           f"its {n}compiled kernels are for triton {built_triton}; this is triton {triton}: they "
+                           "are compiled again on first use (slower first requests)",
                            f"pip install triton=={built_triton} to use them as built, or rebuild the engine here"))
     if members is not None:
         present = set(members)
