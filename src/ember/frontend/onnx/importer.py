@@ -24,6 +24,8 @@ from .registry import find_converter
 
 MIN_OPSET, MAX_OPSET = 7, 28
 DEFAULT_DOMAINS = ("", "ai.onnx")
+# dim names that exporters write for "unknown", not as a name shared between axes
+ANONYMOUS_DIMS = ("", "?", "-1", "None", "none", "unk", "unknown")
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -91,20 +93,20 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 # -- types ----------------------------------------------------------------------------------------
-_unk = itertools.count()
-
-
-def _dims(tt: onnx.TypeProto.Tensor) -> Optional[tuple[Dim, ...]]:
+def _dims(tt: onnx.TypeProto.Tensor, name: str) -> Optional[tuple[Dim, ...]]:
+    """The declared shape. A dim with a name (dim_param) is that symbol; a dim with no name, a
+    placeholder name (``?``), or declared <= 0 (Paddle's exporter writes -1 for "any size"), is a
+    fresh symbol of its own, named after its value and axis (``x_dim0``)."""
     if not tt.HasField("shape"):
         return None
     out: list[Dim] = []
-    for d in tt.shape.dim:
-        if d.HasField("dim_value"):
+    for axis, d in enumerate(tt.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
             out.append(int(d.dim_value))
-        elif d.dim_param:
-            out.append(Sym.named(d.dim_param.replace(" ", "_")))
+        elif d.HasField("dim_param") and d.dim_param.strip() not in ANONYMOUS_DIMS:
+            out.append(Sym.named(d.dim_param))
         else:
-            out.append(Sym.named(f"unk{next(_unk)}"))
+            out.append(Sym.named(f"{name}_dim{axis}"))
     return tuple(out)
 
 
@@ -113,7 +115,7 @@ def apply_type(v: Value, tp: onnx.TypeProto) -> None:
     if kind == "tensor_type":
         v.kind = "tensor"
         v.dtype = ONNX_TO_DTYPE.get(tp.tensor_type.elem_type)
-        v.shape = _dims(tp.tensor_type)
+        v.shape = _dims(tp.tensor_type, v.name)
     elif kind == "sequence_type":
         v.kind = "sequence"
         inner = tp.sequence_type.elem_type
@@ -124,7 +126,7 @@ def apply_type(v: Value, tp: onnx.TypeProto) -> None:
         inner = tp.optional_type.elem_type
         if inner.WhichOneof("value") == "tensor_type":
             v.dtype = ONNX_TO_DTYPE.get(inner.tensor_type.elem_type)
-            v.shape = _dims(inner.tensor_type)
+            v.shape = _dims(inner.tensor_type, v.name)
 
 
 def type_to_str(tp: onnx.TypeProto) -> str:
@@ -215,7 +217,7 @@ class Importer:
             if v is None:
                 raise ModelLoadError(f"graph '{g.name}' output '{vo.name}' is produced by no node: the model is malformed")
             if v.dtype is None or v.shape is None:
-                tmp = Value("")
+                tmp = Value(v.name)
                 apply_type(tmp, vo.type)
                 v.dtype = v.dtype or tmp.dtype
                 v.shape = v.shape if v.shape is not None else tmp.shape
@@ -392,13 +394,26 @@ def _tensor_to_numpy(t: onnx.TensorProto) -> np.ndarray:
     if t.data_type not in ONNX_TO_DTYPE:
         name = onnx.TensorProto.DataType.Name(t.data_type)
         raise _Unsupported(f"tensor '{t.name}' has element type {name}, which ember does not run")
-    a = numpy_helper.to_array(t)
+    try:
+        a = numpy_helper.to_array(t)
+    except Exception as e:  # data shorter or longer than the dims say, a raw buffer of the wrong size
+        raise ModelLoadError(
+            f"tensor '{t.name or '(unnamed)'}' declares shape {list(t.dims)} ({_elements(t.dims)} elements), "
+            f"but its data cannot be read as that ({type(e).__name__}: {e}); the model file is damaged or "
+            "was written by a faulty exporter: re-export it") from None
     dt = ONNX_TO_DTYPE[t.data_type]
     if dt in (DType.BFLOAT16, DType.FLOAT8E4M3, DType.FLOAT8E5M2):
         from ...ir.dtypes import to_numpy
 
         a = a.astype(to_numpy(dt)) if a.dtype != to_numpy(dt) else a
     return a
+
+
+def _elements(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
 
 
 def _sparse_to_dense(st: onnx.SparseTensorProto) -> np.ndarray:
