@@ -24,7 +24,7 @@ from ..passes.rewrite import remove_unused_initializers
 from ..runtime.engine import Engine, host_info, resolve_device
 from .memory import check_workspace, plan_memory, plan_specialization
 from .precision import convert_precision
-from .profiles import bind_static_shapes, check_profiles, opt_feeds, profile_feeds
+from .profiles import bind_static_shapes, check_profiles, opt_feeds, profile_feeds, tuning_profiles
 from .tuner import TimingCache, default_cache_path, select_tactics
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -114,6 +114,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         changed += more
         if not any(p != "group_fusions" for p in more):
             break
+    tuning = tuning_profiles(graph, profiles)  # every input's shapes to tune at (chosen, with a warning, if not given)
     kept_fp32: list[str] = []
     if config.precision in ("fp16", "bf16"):
         kept_fp32 = convert_precision(graph, DType.FLOAT16 if config.precision == "fp16" else DType.BFLOAT16)
@@ -123,10 +124,10 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     tune = None
     if device.type == "cuda":
         cache = TimingCache.open(default_cache_path() if config.timing_cache == "default" else config.timing_cache)
-        tune = select_tactics(graph, device, opt_feeds(graph, profiles, device), config.builder_level, cache,
+        tune = select_tactics(graph, device, opt_feeds(graph, tuning, device), config.builder_level, cache,
                               config.progress)
         cache.save()
-    memory = plan_memory(graph, plan_specialization(graph, opt_feeds(graph, profiles, torch.device("cpu"))))
+    memory = plan_memory(graph, plan_specialization(graph, opt_feeds(graph, tuning, torch.device("cpu"))))
     check_workspace(memory, config.workspace)
     report = BuildReport(nodes_in, count_kernels(graph), time.perf_counter() - t0, changed)
     manifest = {
@@ -163,7 +164,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         # (Triton specializes on sizes of 1 and multiples of 16), and record the kernels the engine
         # launches so that save() stores their binaries
         with kernel_store.recording() as launched, torch.inference_mode():
-            for feeds in profile_feeds(graph, profiles, device):
+            for feeds in profile_feeds(graph, tuning, device):
                 engine._interp.run(feeds)
         engine.kernel_binaries = kernel_store.members(launched)
     engine.build_report = report  # type: ignore[attr-defined]
