@@ -1,18 +1,17 @@
-"""Load generator behind `ember perf` (like Triton's perf_analyzer).
+"""`ember perf` (like Triton's perf_analyzer): a concurrency sweep against a KServe v2 server.
 
-For each concurrency level, that many client threads send requests back to back for a fixed
-time (after a short warm-up that is not measured) over HTTP (binary tensors, keep-alive) or
-gRPC. Reports throughput and latency percentiles per level; failures are counted by reason,
-never hidden.
+For each concurrency level, that many connections send requests back to back for a fixed time
+(after a short warm-up that is not measured) over HTTP (binary tensors, keep-alive) or gRPC,
+spread over several client processes (loadgen.py) so that the client is not the bottleneck.
+Reports throughput, latency percentiles and the client's own CPU use per level, and says when
+the client saturates; failures are counted by reason, never hidden. Only standard KServe v2
+endpoints are used (model metadata and config, infer), so it measures Triton the same way.
 """
 from __future__ import annotations
 
 import csv
 import http.client
 import json
-import threading
-import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -20,7 +19,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..errors import EmberError
-from .datatypes import KSERVE_TO_NUMPY, tensor_to_raw
+from .datatypes import KSERVE_TO_NUMPY
+from .loadgen import SATURATED, LoadJob, available_cpus, grpc_request, http_request, run_level
 
 
 class PerfError(EmberError):
@@ -38,6 +38,7 @@ class PerfTarget:
     binary: bool = True  # HTTP: binary tensors (else JSON)
     token: str | None = None
     timeout_s: float = 30.0
+    processes: int | None = None  # client processes; None: loadgen.default_processes
 
 
 @dataclass
@@ -53,12 +54,22 @@ class PerfResult:
     p99_ms: float
     avg_ms: float
     errors: dict[str, int] = field(default_factory=dict)
+    processes: int = 1  # client processes that generated the load
+    client_cpu: float = 0.0  # CPU the client used, in cores (1.0 = one core busy the whole level)
+    client_busiest: float = 0.0  # the busiest client process's share of one core
+
+    @property
+    def client_saturated(self) -> bool:
+        """The client may have limited the throughput: a process near a full core, or the client
+        using most of the machine's CPUs."""
+        return self.client_busiest >= SATURATED or self.client_cpu >= SATURATED * available_cpus()
 
     def row(self) -> dict[str, Any]:
         return {"concurrency": self.concurrency, "throughput_infer_per_s": round(self.throughput, 2),
                 "p50_ms": round(self.p50_ms, 3), "p90_ms": round(self.p90_ms, 3), "p95_ms": round(self.p95_ms, 3),
                 "p99_ms": round(self.p99_ms, 3), "avg_ms": round(self.avg_ms, 3), "requests": self.requests,
-                "failures": self.failures}
+                "failures": self.failures, "client_processes": self.processes,
+                "client_cpu_cores": round(self.client_cpu, 3), "client_saturated": int(self.client_saturated)}
 
 
 def _hostport(url: str) -> tuple[str, int]:
@@ -183,125 +194,39 @@ def _config_dims(config: dict, name: str) -> list[list[int]]:
     return out
 
 
-def _http_sender(target: PerfTarget, inputs: dict[str, tuple[str, np.ndarray]]) -> Callable[[], Callable[[], str]]:
+def load_job(target: PerfTarget, inputs: dict[str, tuple[str, np.ndarray]]) -> LoadJob:
+    """The one request every connection sends, prebuilt for the load generator."""
     host, port = _hostport(target.url)
+    if target.protocol == "grpc":
+        md = [("authorization", f"Bearer {target.token}")] if target.token else []
+        return LoadJob("grpc", host, port, grpc_request(target.model, target.version, inputs), md, target.timeout_s)
     path = _model_path(target) + "/infer"
-    entries, blobs = [], []
-    for name, (dt, arr) in inputs.items():
-        e: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
-        if target.binary:
-            raw = tensor_to_raw(arr, dt)
-            e["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            e["data"] = arr.reshape(-1).tolist() if dt != "BYTES" else [x.decode() for x in arr.reshape(-1)]
-        entries.append(e)
-    doc = {"inputs": entries, "parameters": {"binary_data_output": target.binary}}
-    header = json.dumps(doc).encode()
-    body = header + b"".join(blobs)
-    headers = {"Content-Type": "application/octet-stream" if blobs else "application/json"}
-    if blobs:
-        headers["Inference-Header-Content-Length"] = str(len(header))
-    if target.token:
-        headers["Authorization"] = f"Bearer {target.token}"
-
-    def make() -> Callable[[], str]:
-        conn = http.client.HTTPConnection(host, port, timeout=target.timeout_s)
-
-        def send() -> str:
-            nonlocal conn
-            try:
-                conn.request("POST", path, body=body, headers=headers)
-                r = conn.getresponse()
-                r.read()
-                if r.status != 200:
-                    return f"HTTP {r.status}"
-                return ""
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=target.timeout_s)
-                return type(e).__name__
-        return send
-
-    return make
-
-
-def _grpc_sender(target: PerfTarget, inputs: dict[str, tuple[str, np.ndarray]]) -> Callable[[], Callable[[], str]]:
-    import grpc
-
-    from . import grpc_service_pb2 as pb
-    from . import grpc_service_pb2_grpc as pb_grpc
-
-    host, port = _hostport(target.url)
-    req = pb.ModelInferRequest(model_name=target.model, model_version=target.version)
-    for name, (dt, arr) in inputs.items():
-        req.inputs.add(name=name, datatype=dt, shape=list(arr.shape))
-        req.raw_input_contents.append(tensor_to_raw(arr, dt))
-    md = [("authorization", f"Bearer {target.token}")] if target.token else None
-    channel = grpc.insecure_channel(f"{host}:{port}", options=[("grpc.max_receive_message_length", -1)])
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
-
-    def make() -> Callable[[], str]:
-        def send() -> str:
-            try:
-                stub.ModelInfer(req, metadata=md, timeout=target.timeout_s)
-                return ""
-            except grpc.RpcError as e:
-                return f"gRPC {e.code().name}"
-        return send
-
-    return make
+    return LoadJob("http", host, port, http_request(host, port, path, inputs, target.binary, target.token),
+                   timeout_s=target.timeout_s)
 
 
 def measure(target: PerfTarget, concurrency: int, duration_s: float, warmup_s: float = 1.0,
-            make_sender: Callable[[], Callable[[], str]] | None = None) -> PerfResult:
+            job: LoadJob | None = None) -> PerfResult:
     """Run one concurrency level and return its numbers."""
-    if make_sender is None:
+    if job is None:
         meta, config = fetch_metadata(target)
-        inputs = make_inputs(target, meta, config)
-        make_sender = (_grpc_sender if target.protocol == "grpc" else _http_sender)(target, inputs)
-    start = time.perf_counter()
-    t_measure, t_end = start + warmup_s, start + warmup_s + duration_s
-    lat: list[list[float]] = [[] for _ in range(concurrency)]
-    errs: list[Counter] = [Counter() for _ in range(concurrency)]
-
-    def client(i: int) -> None:
-        send = make_sender()
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= t_end:
-                return
-            err = send()
-            t1 = time.perf_counter()
-            if t0 >= t_measure:
-                if err:
-                    errs[i][err] += 1
-                else:
-                    lat[i].append(t1 - t0)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(duration_s + warmup_s + target.timeout_s + 10)
-    all_lat = np.array([x for per in lat for x in per]) * 1000.0
-    errors: Counter = Counter()
-    for c in errs:
-        errors.update(c)
-    n = len(all_lat)
-    pct = np.percentile(all_lat, [50, 90, 95, 99]) if n else np.full(4, float("nan"))
-    return PerfResult(concurrency, n, sum(errors.values()), duration_s, n * target.batch_size / duration_s,
-                      *[float(p) for p in pct], float(all_lat.mean()) if n else float("nan"), dict(errors))
+        job = load_job(target, make_inputs(target, meta, config))
+    run = run_level(job, concurrency, duration_s, warmup_s, target.processes)
+    lat = run.latencies_s * 1000.0
+    n = len(lat)
+    pct = np.percentile(lat, [50, 90, 95, 99]) if n else np.full(4, float("nan"))
+    return PerfResult(concurrency, n, sum(run.errors.values()), duration_s, n * target.batch_size / duration_s,
+                      *[float(p) for p in pct], float(lat.mean()) if n else float("nan"), dict(run.errors),
+                      run.processes, run.client_cpu_s / duration_s, run.busiest_worker)
 
 
 def sweep(target: PerfTarget, levels: list[int], duration_s: float, warmup_s: float = 1.0,
           on_result: Callable[[PerfResult], None] | None = None) -> list[PerfResult]:
     meta, config = fetch_metadata(target)
-    inputs = make_inputs(target, meta, config)
-    make_sender = (_grpc_sender if target.protocol == "grpc" else _http_sender)(target, inputs)
+    job = load_job(target, make_inputs(target, meta, config))
     results = []
     for c in levels:
-        r = measure(target, c, duration_s, warmup_s, make_sender)
+        r = measure(target, c, duration_s, warmup_s, job)
         results.append(r)
         if on_result is not None:
             on_result(r)
