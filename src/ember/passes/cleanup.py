@@ -19,7 +19,7 @@ from ..ops import OpContext, get, known_ops
 from ..ops.torch_types import tensor_from_numpy, tensor_to_numpy
 from .control import INLINE_IF_RULE
 from .rewrite import Editor, Match, P, PassContext, Rule, apply_rules
-from .scope import eliminate_dead_nodes, remove_unused_initializers, tree_names
+from .scope import eliminate_dead_nodes, remove_unused_initializers
 
 # Ops whose value is not a function of their inputs, or that only make sense at run time.
 NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
@@ -180,38 +180,9 @@ CSE_RULE = Rule("common_subexpression", P.any("y", where=lambda v, m: v.producer
 
 
 def eliminate_common_subexpressions(graph: Graph, ctx: PassContext) -> bool:
-    """Nodes with the same op, inputs and attributes compute once; equal small constants merge."""
-    changed = merge_equal_constants(graph)
-    return apply_rules(graph, [CSE_RULE], ctx.log) or changed
-
-
-def merge_equal_constants(graph: Graph, max_bytes: int = 1 << 12) -> bool:
-    """Exporters emit the same small constant (axes, shapes, 1.0) many times; CSE needs them shared.
-    A body's constant equal to one of an enclosing graph is replaced by that one (bodies see it)."""
-    changed = _merge_constants(graph, {}, max_bytes, tree_names(graph))
-    if changed:
-        remove_unused_initializers(graph)
-    return changed
-
-
-def _merge_constants(graph: Graph, outer: dict[tuple, Value], max_bytes: int, names: set[str]) -> bool:
-    seen = dict(outer)  # constants visible here: the enclosing graphs', then this graph's
-    ed: Optional[Editor] = None
-    changed = False
-    for v in list(graph.initializers.values()):
-        if v.data.nbytes > max_bytes:
-            continue
-        key = (v.dtype, v.data.dtype.name, v.data.shape, v.data.tobytes())
-        first = seen.setdefault(key, v)
-        if first is v or any(o is v for o in graph.outputs):
-            continue
-        ed = ed or Editor(graph, names)
-        ed.replace(v, first)
-        changed = True
-    for n in graph.nodes:
-        for sg in n.subgraphs():
-            changed |= _merge_constants(sg, seen, max_bytes, names)
-    return changed
+    """Nodes with the same op, inputs and attributes compute once. (Equal small constants are one
+    value already: every sweep of the rewrite engine reads them through the first one in scope.)"""
+    return apply_rules(graph, [CSE_RULE], ctx.log)
 
 
 def remove_dead_code(graph: Graph, ctx: PassContext) -> bool:

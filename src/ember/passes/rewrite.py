@@ -14,6 +14,12 @@ the replacement through the :class:`Editor` and returns it (None: no rewrite). :
 visits nodes in order, tries every rule rooted at each node's first output, and rewires the uses.
 Nodes left without users are removed at the end by dead-code elimination.
 
+After a rule fires, the rules are tried again on the replacement (a rewrite's result is
+rewritten until no rule matches, as tinygrad's graph_rewrite does), so chains collapse in one
+sweep. Small constants are hash-consed: the editor reads every small constant through the first
+equal one visible in its scope (and ``Editor.const`` returns it instead of a copy), so exporters'
+repeated axes and scalars are one value, which CSE and patterns that bind a name twice need.
+
 Rules apply in If/Loop/Scan bodies too (ONNX Runtime's transformers must "Recurse for all valid
 Nodes"): :func:`apply_rules` sweeps every body, innermost first, then the graph. An editor edits
 one graph, and a pattern matches only that graph's nodes: a value a body reads from an enclosing
@@ -27,14 +33,25 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 
+from ..ir.dtypes import from_numpy
 from ..ir.graph import Graph, Node, Value
 from ..ops.infer import infer_node
-from .scope import eliminate_dead_nodes, graphs_postorder, reads, remove_unused_initializers, tree_names
+from .scope import eliminate_dead_nodes, reads, remove_unused_initializers, scopes, tree_names
 
 __all__ = ["COMMUTATIVE", "Editor", "Match", "P", "PassContext", "Rule", "apply_rules", "eliminate_dead_nodes",
            "remove_unused_initializers"]
 
 COMMUTATIVE = {"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal"}
+SMALL_CONST_BYTES = 1 << 12  # constants up to this size are hash-consed (equal ones become one value)
+MAX_REWRITES_PER_NODE = 8  # a rewrite's result is rewritten again at most this often (rules that undo each other)
+
+
+def const_key(v: Optional[Value]) -> Optional[tuple]:
+    """What makes two small constants the same value; None for activations and large weights.
+    (The IR dtype tells bfloat16 and the float8 kinds apart, which numpy stores alike.)"""
+    if v is None or v.data is None or v.data.nbytes > SMALL_CONST_BYTES:
+        return None
+    return (v.dtype, v.data.dtype.str, v.data.shape, v.data.tobytes())
 
 
 class Match(dict):
@@ -169,10 +186,18 @@ class Editor:
 
     ``names``: every name taken in the whole tree of graphs (shared by the editors of one sweep),
     so a new value never takes the name of a value in an enclosing graph or a body.
+    ``enclosing``: the graphs around ``graph`` (outermost first), whose constants it can read.
     """
 
-    def __init__(self, graph: Graph, names: Optional[set[str]] = None):
+    def __init__(self, graph: Graph, names: Optional[set[str]] = None, enclosing: tuple[Graph, ...] = ()):
         self.graph = graph
+        self.constants: dict[tuple, Value] = {}  # const_key -> the first such constant visible here
+        self._duplicate_of: dict[int, Value] = {}  # id of a later equal constant -> that first one
+        for g in (*enclosing, graph):
+            for c in g.initializers.values():
+                k = const_key(c)
+                if k is not None and self.constants.setdefault(k, c) is not c:
+                    self._duplicate_of[id(c)] = self.constants[k]
         self.uses: dict[int, list[Node]] = {}
         self._pending: list[Node] = []
         self._names = names if names is not None else tree_names(graph)
@@ -255,10 +280,28 @@ class Editor:
         self._pending.extend(nodes)
 
     def const(self, data: np.ndarray, hint: str = "const") -> Value:
+        """A constant holding ``data``: an equal small one already visible here, else a new initializer."""
         data = np.asarray(data)
         if not data.flags.c_contiguous:  # (not ascontiguousarray: it turns 0-d scalars into 1-d)
             data = data.copy()
-        return self.graph.add_const(self.fresh_name(hint), data)
+        k = const_key(Value("", from_numpy(data.dtype), data=data))
+        if k is not None and k in self.constants:
+            return self.constants[k]
+        v = self.graph.add_const(self.fresh_name(hint), data)
+        if k is not None:
+            self.constants[k] = v
+        return v
+
+    def intern_inputs(self, node: Node) -> bool:
+        """Make ``node`` read the first visible constant equal to each small constant it reads; every
+        use of a duplicate in this graph moves at once. Returns whether anything moved."""
+        moved = False
+        for v in node.inputs:
+            first = self._duplicate_of.get(id(v)) if v is not None else None
+            if first is not None and not self.is_output(v):
+                self.replace(v, first)
+                moved = True
+        return moved
 
     # -- rewiring ----------------------------------------------------------------------------------
     def replace(self, old: Value, new: Value) -> None:
@@ -317,7 +360,7 @@ class Editor:
     def _add_uses(self, n: Node) -> None:
         for v in reads(n):
             lst = self.uses.setdefault(id(v), [])
-            if not any(u is n for u in lst):
+            if n not in lst:  # (Node compares by identity)
                 lst.append(n)
 
     def _drop_uses(self, n: Node) -> None:
@@ -344,32 +387,34 @@ def apply_rules(graph: Graph, rules: list[Rule], log: Optional[list[str]] = None
             by_op.setdefault(o, []).append(r)
     names = tree_names(graph)
     changed = False
-    for g in graphs_postorder(graph):
-        changed |= _sweep(g, by_op, names, log)
+    for g, enclosing in scopes(graph):
+        changed |= _sweep(Editor(g, names, enclosing), by_op, log)
     if changed:
         eliminate_dead_nodes(graph)
+        remove_unused_initializers(graph)  # (constants that became duplicates or were folded away)
     return changed
 
 
-def _sweep(graph: Graph, by_op: dict[Optional[str], list[Rule]], names: set[str],
-           log: Optional[list[str]]) -> bool:
-    ed = Editor(graph, names)
+def _sweep(ed: Editor, by_op: dict[Optional[str], list[Rule]], log: Optional[list[str]]) -> bool:
     changed = False
-    for node in list(graph.nodes):
+    for node in list(ed.graph.nodes):
         if id(node) in ed.removed or not node.outputs:  # removed by an earlier rewrite
             continue
-        root = node.outputs[0]
-        for rule in by_op.get(node.op, []) + by_op.get(None, []):
-            new = _try_rule(ed, rule, root, node)
-            if new is not None:
-                changed = True
-                if log is not None:
-                    log.append(f"{rule.name}: {node.name}")
+        changed |= ed.intern_inputs(node)
+        for _ in range(MAX_REWRITES_PER_NODE):
+            new = next((v for rule in by_op.get(node.op, []) + by_op.get(None, [])
+                        if (v := _try_rule(ed, rule, node.outputs[0], node, log)) is not None), None)
+            if new is None:
                 break
+            changed = True
+            nxt = ed.producer(new)  # rewrite the result again, until no rule matches
+            if nxt is None or nxt is node or id(nxt) in ed.removed or not nxt.outputs or nxt.outputs[0] is not new:
+                break
+            node = nxt
     return changed
 
 
-def _try_rule(ed: Editor, rule: Rule, root: Value, node: Node) -> Optional[Value]:
+def _try_rule(ed: Editor, rule: Rule, root: Value, node: Node, log: Optional[list[str]]) -> Optional[Value]:
     for m in rule.pattern.match(root, ed.match()):
         if rule.exclusive and not ed.only_used_inside(m, node):
             continue
@@ -391,6 +436,8 @@ def _try_rule(ed: Editor, rule: Rule, root: Value, node: Node) -> Optional[Value
         ed.replace(root, new)
         ed.flush(node)
         ed.remove_if_dead(m.nodes)
+        if log is not None:
+            log.append(f"{rule.name}: {node.name}")
         return new
     return None
 

@@ -28,11 +28,16 @@ def nested_graphs(graph: Graph) -> Iterator[Graph]:
 
 def graphs_postorder(graph: Graph) -> list[Graph]:
     """The bodies of ``graph`` (innermost first), then ``graph``."""
-    out: list[Graph] = []
+    return [g for g, _ in scopes(graph)]
+
+
+def scopes(graph: Graph, enclosing: tuple[Graph, ...] = ()) -> list[tuple[Graph, tuple[Graph, ...]]]:
+    """Each graph of the tree with the graphs enclosing it (outermost first), bodies before their graph."""
+    out: list[tuple[Graph, tuple[Graph, ...]]] = []
     for n in graph.nodes:
         for sg in n.subgraphs():
-            out.extend(graphs_postorder(sg))
-    out.append(graph)
+            out.extend(scopes(sg, enclosing + (graph,)))
+    out.append((graph, enclosing))
     return out
 
 
@@ -51,8 +56,9 @@ def captures(graph: Graph) -> list[Value]:
 def reads(node: Node) -> list[Value]:
     """What ``node`` reads: its inputs, and what its bodies capture."""
     out = [v for v in node.inputs if v is not None]
-    for sg in node.subgraphs():
-        out.extend(captures(sg))
+    if node.attrs:  # (only nodes with attributes can hold a body)
+        for sg in node.subgraphs():
+            out.extend(captures(sg))
     return out
 
 
