@@ -105,7 +105,8 @@ def test_four_model_repository_starts_20_times_without_a_warmup_failure(repo_bui
 max_batch_size: 8
 instance_group [ { count: 2 } ]
 dynamic_batching { }
-model_warmup [ { name: "w" batch_size: 4 inputs { key: "x" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]
+model_warmup [ { name: "w" batch_size: 4
+                 inputs { key: "x" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]
 """, config_name="config.pbtxt")
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run([sys.executable, "-c", STARTS, str(repo_builder.root), str(tmp_path / "cache")], env=env,

@@ -391,7 +391,8 @@ def config_from_message(msg: mc.ModelConfig, name: str, src: str, build: dict[st
         inputs = {}
         for k, spec in sorted(w.inputs.items()):
             at = f"model_warmup[{i}].inputs['{k}']"
-            source = {"random_data": "random", "input_data_file": "file"}.get(spec.WhichOneof("input_data_type"), "zero")
+            which = spec.WhichOneof("input_data_type")
+            source = {"random_data": "random", "input_data_file": "file"}.get(which, "zero")
             file = relative_path(spec.input_data_file, src, f"{at}.input_data_file") if source == "file" else None
             inputs[k] = WarmupInput(_dtype(spec.data_type, src, at), _dims(spec.dims, src, f"{at}.dims"), source, file)
         cfg.warmup.append(Warmup(w.name or f"warmup_{i}", max(1, w.batch_size), inputs, max(1, w.count)))

@@ -131,7 +131,8 @@ def _dynamic_batching(db: Any, src: str) -> dict | None:
         raise _fail(src, "dynamic_batching.priority_queue_policy must map a priority level to a queue policy")
     for k, v in levels.items():
         if not isinstance(v, dict):
-            raise _fail(src, f"dynamic_batching.priority_queue_policy[{k}] must be a mapping like {{max_queue_size: 16}}")
+            raise _fail(src, f"dynamic_batching.priority_queue_policy[{k}] must be a mapping, like "
+                             "{max_queue_size: 16}")
         _check_keys(v, _QP_KEYS, src, f"dynamic_batching.priority_queue_policy[{k}]")
     return {
         "preferred_batch_size": _list(db.get("preferred_batch_sizes", db.get("preferred_batch_size", [])), src,
