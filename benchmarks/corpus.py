@@ -24,19 +24,23 @@ CUDA EP math uses TF32) in the same process: medians of >= 50 runs after warm-up
 no such method). Speedup = ORT ms / ember ms; the bar: geometric mean >= 1.5x and no model below 1x, for
 fp32 and tf32 engines against ORT's default (TF32) EP. Build seconds per precision (bar: <= 60 s).
 
-GPU machine without network: pack the subset here, carry the chunks (<= 55 MB each), run offline:
+GPU machine without network: pack the subset here (the cache needs the archives: a --cpu run of those
+models, or this command itself, downloads them), carry each chunk (<= 55 MB) in one device call, extract
+it under /tmp (kept while the machine stays warm), then run offline:
 
     echo /.corpus/ >> .git/info/exclude                      # once: keeps the packs out of git
-    python3 benchmarks/corpus.py --pack .corpus --subset gpu  # prints the chunks and their sizes
-    # on the device, one call per chunk (carry .corpus/corpus-NN.tar):  mkdir -p .corpus/cache &&
-    #   tar xf .corpus/corpus-NN.tar -C .corpus/cache
-    EMBER_CORPUS_DIR=.corpus/cache PYTHONPATH=/tmp/ortsite:src python benchmarks/corpus.py --gpu --offline \
-        --out $OUT/corpus_gpu.json
-    python3 benchmarks/corpus.py --report /tmp/corpus_cpu.json corpus_gpu*.json --markdown docs/models.md
+    python3 benchmarks/corpus.py --pack .corpus --subset gpu  # prints the chunks, their models and MB
+    # device call per chunk, carry .corpus/corpus-NN.tar:
+    mkdir -p /tmp/corpus && tar xf .corpus/corpus-NN.tar -C /tmp/corpus
+    # then (ONNX Runtime's CUDA EP unpacked in /tmp/ortsite, see shared/bench/ORT_GPU.md):
+    EMBER_CORPUS_DIR=/tmp/corpus PYTHONPATH=/tmp/ortsite:src python benchmarks/corpus.py --gpu --offline \
+        --models a,b,c --deadline 540 --out $OUT/corpus_gpu_1.json
+    # here: merge with the CPU results and write the page
+    python3 benchmarks/corpus.py --report /tmp/corpus_cpu.json corpus_gpu_*.json --markdown docs/models.md
 
 One model failing never stops the others: its error is recorded. ``--budget`` caps each model's seconds,
-``--deadline`` the run's (models that would start later are listed as skipped). ``--out`` is rewritten
-after every model, so a run cut short keeps what it measured.
+``--deadline`` the whole run's (a model's budget shrinks to end by then; later models are listed as
+skipped). ``--out`` is rewritten after every model, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -374,13 +378,17 @@ def run_all(models: list[Model], mode: str, args, out_path: Optional[Path]) -> d
     doc: dict[str, Any] = {"mode": mode, "host": host_info(), "argv": sys.argv[1:], "models": {}}
     start = time.perf_counter()
     for m in models:
-        if args.deadline and time.perf_counter() - start > args.deadline:
-            doc["models"][m.name] = {**entry_info(m), mode: {"status": "skipped", "error": "past --deadline"}}
-            continue
+        budget = args.budget
+        if args.deadline:  # a model may not run past the deadline either: its budget shrinks to fit
+            budget = min(budget, args.deadline - (time.perf_counter() - start))
+            if budget < 5:
+                doc["models"][m.name] = {**entry_info(m), mode: {"status": "skipped", "error": "past --deadline"}}
+                print(f"{m.name:22s} skipped (past --deadline)", flush=True)
+                continue
         t0 = time.perf_counter()
         r: dict[str, Any] = {}
         try:
-            with time_budget(args.budget, m.name):
+            with time_budget(budget, m.name):
                 if mode == "cpu":
                     r = check_cpu(m, offline=args.offline, static=args.static)
                 else:
@@ -455,7 +463,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--runs", type=int, default=60, help="--gpu: timed runs per candidate (>= 50)")
     ap.add_argument("--device", default="cuda", help="--gpu: 'cpu' tests the script against ORT's CPU EP")
     ap.add_argument("--budget", type=float, help="seconds per model (default 300 cpu, 480 gpu)")
-    ap.add_argument("--deadline", type=float, help="seconds for the run: later models are skipped")
+    ap.add_argument("--deadline", type=float, help="seconds for the whole run: no model runs past it")
     ap.add_argument("--chunk-mb", type=float, default=CHUNK_MB)
     ap.add_argument("--out", type=Path, help="JSON of everything, rewritten after every model")
     ap.add_argument("--markdown", type=Path, help="write the table (docs/models.md)")

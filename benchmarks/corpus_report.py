@@ -66,30 +66,44 @@ def summary(doc: dict[str, Any]) -> str:
             s = _speedups(doc, p)
             builds = [e["gpu"][p]["build_s"] for e in doc["models"].values()
                       if isinstance(e.get("gpu", {}).get(p), dict) and "build_s" in e["gpu"][p]]
+            eps = {e["gpu"]["ort"].get("ep") for e in doc["models"].values() if "ort" in e.get("gpu", {})}
             if s:
-                lines.append(f"GPU {p}: {len(s)} models timed, geomean speedup over ORT CUDA EP "
-                             f"{_geomean(s):.2f}x, min {min(s):.2f}x; build max {max(builds):.1f} s")
+                bar = "" if p == "fp16" else ("; bar met" if _geomean(s) >= 1.5 and min(s) >= 1.0 and
+                                              max(builds) <= 60 else "; bar NOT met (geomean >= 1.5x, min >= 1x, "
+                                                                     "builds <= 60 s)")
+                lines.append(f"GPU {p}: {len(s)} models timed, geomean speedup over ORT {'/'.join(sorted(eps))} "
+                             f"{_geomean(s):.2f}x, min {min(s):.2f}x; build max {max(builds):.1f} s{bar}")
     return "\n".join(lines)
 
 
 def _capture(c: Any) -> str:
+    """One cell from Engine.capture_report: one graph, or the segments and what breaks the graph."""
     if c is None:
         return "-"
     if isinstance(c, str):
         return c
     if "error" in c:
         return f"report failed: {c['error'][:80]}"
-    breaks = c.get("breaks") or []
-    if not breaks and c.get("graphs", 0) >= 1 and c.get("segments", 1) <= 1:
+    breaks = "; ".join(f"{b.get('node')} ({b.get('op')}): {b.get('reason')}" for b in (c.get("breaks") or [])[:3])
+    if c.get("device") == "cpu":
+        return "cpu run" + (f"; would break at {breaks}" if breaks else "")
+    if c.get("one_graph"):
         return "one graph"
-    desc = "; ".join(f"{b.get('node')} ({b.get('op')}): {b.get('reason')}" for b in breaks[:3])
-    return f"{c.get('segments', '?')} segments: {desc}"
+    return (f"{c.get('graphs', '?')} graphs, {c.get('segments', '?')} segments, {c.get('host_steps', 0)} host steps"
+            + (f": {breaks}" if breaks else "") + ("" if c.get("cuda_graph", True) else " (eager)"))
+
+
+def _tag(defect: Optional[str], defects: dict[str, int]) -> str:
+    """A footnote number for a known defect (as recorded by the run), numbered in order of appearance."""
+    if not defect:
+        return ""
+    return f" [{defects.setdefault(defect, len(defects) + 1)}]"
 
 
 def _cpu_cells(r: Optional[dict], defects: dict[str, int]) -> tuple[str, str]:
     if r is None:
         return "-", "not run"
-    tag = f" [{defects[r['known_defect']]}]" if r.get("known_defect") else ""
+    tag = _tag(r.get("known_defect"), defects) if r["status"] != "match" else ""
     if r["status"] == "match" or r["status"] == "mismatch":
         w = r["worst"] or {}
         cell = f"{fmt(w.get('value'))} / {fmt(w.get('tol'))}"
@@ -121,9 +135,6 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
     models = [BY_NAME[n] for n in doc["models"] if n in BY_NAME]
     models.sort(key=lambda m: MODELS.index(m))
     defects: dict[str, int] = {}
-    for m in models:
-        if m.known_defect and m.known_defect not in defects:
-            defects[m.known_defect] = len(defects) + 1
     run = [m for m in models if m.expect_error is None]
     refused = [m for m in models if m.expect_error is not None]
     hosts = doc.get("hosts", {})
@@ -153,7 +164,7 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
     out += ["", "## Models ember runs", "",
             "| model | task | source package | ops of note | shapes (batch) | MB | CPU build s | CPU match: rel L2 / tol "
             "| GPU build s fp32 / tf32 / fp16 | GPU rel L2 fp32 / tf32 / fp16 | ember ms fp32 / tf32 / fp16 · ORT CUDA "
-            "| speedup fp32 / tf32 / fp16 | CUDA graph |",
+            "| speedup vs ORT CUDA default (TF32): fp32 / tf32 / fp16 | CUDA graph |",
             "|---|---|---|---|---|---:|---:|---|---|---|---|---|---|"]
     for m in run:
         e = doc["models"][m.name]
@@ -169,7 +180,7 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
                 "| model | source package | what it needs | expected | observed |", "|---|---|---|---|---|"]
         for m in refused:
             r = doc["models"][m.name].get("cpu") or {}
-            tag = f" [{defects[m.known_defect]}]" if m.known_defect else ""
+            tag = _tag(r.get("known_defect"), defects) if r.get("status") != "refused" else ""
             seen = (r.get("error") or r.get("status", "not run")).replace("\n", " ").replace("|", "/")[:160]
             out.append(f"| {m.name} | `{m.package}` | {m.ops} | `{m.expect_error[0]}` /{m.expect_error[1]}/ "
                        f"| {r.get('status', 'not run')}: {seen}{tag} |")
