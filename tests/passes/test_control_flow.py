@@ -189,6 +189,35 @@ def test_patterns_stop_at_the_body_boundary(tmp_path):
     assert "BatchNormalization" in graphs_ops(eng.graph)["loop_body"]
 
 
+def test_weights_carried_through_a_loop_become_outer_constants(tmp_path):
+    # tf2onnx's Keras LSTM passes its kernel through the while loop as a carried value: in the body it
+    # is an input, so nothing folds. Forwarded, the body reads the constant and its MatMul is a GEMM.
+    b = loop_body([mk("MatMul", ["acc", "w_in"], ["mm"]), mk("Tanh", ["mm"], ["acc_out"]),
+                   mk("Identity", ["acc_out"], ["step"])],
+                  [tensor("acc", [2, 4]), tensor("w_in", [4, 4])],
+                  [tensor("acc_out", [2, 4]), tensor("w_in", [4, 4]), tensor("step", [2, 4])])
+    m = model([mk("Loop", ["M", "", "x", "W"], ["y", "w_final", "steps"], body=b)], [tensor("x", [2, 4])],
+              [tensor("y", [2, 4]), tensor("w_final", [4, 4]), tensor("steps", [3, 2, 4])],
+              [init("M", np.array(3, np.int64)), init("W", rand(4, 4, seed=2))])
+    eng = check(m, {"x": rand(2, 4)}, 2, tmp_path)
+    loop = next(n for n in eng.graph.nodes if n.op == "Loop")
+    assert len(loop.inputs) == 3 and len(loop.outputs) == 2  # W left the loop's interface
+    assert "ember.Gemm" in graphs_ops(eng.graph)["loop_body"]
+    assert [v.name for v in eng.graph.outputs] == ["y", "w_final", "steps"]
+
+
+def test_scan_state_passed_through_unchanged_is_forwarded(tmp_path):
+    b = body([mk("Mul", ["xt", "scale"], ["yt"]), mk("Add", ["s", "yt"], ["s_out"]), mk("Identity", ["scale"], ["same"])],
+             [tensor("s", [3]), tensor("scale", [3]), tensor("xt", [3])],
+             [tensor("s_out", [3]), tensor("same", [3]), tensor("yt", [3])], name="scan_body")
+    m = model([mk("Scan", ["s0", "k", "x"], ["s_final", "k_final", "ys"], body=b, num_scan_inputs=1)],
+              [tensor("s0", [3]), tensor("k", [3]), tensor("x", [5, 3])],
+              [tensor("s_final", [3]), tensor("k_final", [3]), tensor("ys", [5, 3])])
+    eng = check(m, {"s0": rand(3), "k": rand(3, seed=1), "x": rand(5, 3, seed=2)}, 1, tmp_path)
+    scan = next(n for n in eng.graph.nodes if n.op == "Scan")
+    assert len(scan.inputs) == 2 and [v.name for v in find(eng.graph, "scan_body").inputs] == ["s", "xt"]
+
+
 # -- If with a constant condition --------------------------------------------------------------------
 def _if_on_width():
     """If(Shape(x)[1] == 4): then (x + a) * Constant(2), Relu(x) (a value computed outside);

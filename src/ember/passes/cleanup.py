@@ -4,7 +4,7 @@ Constant folding runs a node's reference function on CPU when every input is a c
 stops where it would create a large tensor (an Expand of a scalar to an activation-sized
 block), so folding never multiplies the weights' size. Every rule here also works inside
 If/Loop/Scan bodies (rewrite.apply_rules visits them): a body folds with the constants of its
-enclosing graphs, and an If whose condition folded to a constant is replaced by its branch.
+enclosing graphs. (An If whose condition folded to a constant: control.py.)
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.shapes import is_static
 from ..ops import OpContext, get, known_ops
 from ..ops.torch_types import tensor_from_numpy, tensor_to_numpy
-from .control import INLINE_IF_RULE
 from .rewrite import Editor, Match, P, PassContext, Rule, apply_rules
 from .scope import eliminate_dead_nodes, remove_unused_initializers
 
@@ -77,8 +76,8 @@ def _fold_constant(ctx: PassContext):
 
 
 def fold_constants(graph: Graph, ctx: PassContext) -> bool:
-    """Evaluate nodes whose inputs are all constants; inline an If whose condition is constant."""
-    return apply_rules(graph, [INLINE_IF_RULE, _fold_constant(ctx)], ctx.log)
+    """Evaluate nodes whose inputs are all constants."""
+    return apply_rules(graph, [_fold_constant(ctx)], ctx.log)
 
 
 # -- shapes ------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The fixed pass pipeline of each optimization level, run to a fixed point.
 
     level 0  nothing: the graph as imported (values keep their ONNX names; compare --all-layers)
-    level 1  cleanup: constant and shape folding, no-op removal, CSE, dead code
+    level 1  cleanup: constant and shape folding, constant Ifs inlined and loop invariants forwarded,
+             no-op removal, CSE, dead code
     level 2  + BatchNorm/scale folding, MatMul+Add -> GEMM, epilogues, pattern recognition
              (LayerNorm, RMSNorm, GELU, SiLU, HardSwish, Softmax, attention), fusion groups
     level 3  + horizontal GEMM merging (Q/K/V projections sharing an input -> one GEMM), attention on
@@ -24,6 +25,7 @@ from ..ops import known_ops
 from .anchors import fold_into_anchors, fuse_epilogues
 from .attention import absorb_head_layout, recognize_attention
 from .cleanup import eliminate_common_subexpressions, fold_constants, fold_shapes, remove_dead_code
+from .control import simplify_control_flow
 from .fusion import group_fusions
 from .gemm_merge import merge_parallel_gemms
 from .noops import remove_noops
@@ -34,7 +36,8 @@ from .scope import check_scopes, nested_graphs
 Pass = Callable[[Graph, PassContext], bool]
 MAX_ROUNDS = 8
 
-CLEANUP: list[Pass] = [fold_shapes, fold_constants, remove_noops, eliminate_common_subexpressions, remove_dead_code]
+CLEANUP: list[Pass] = [fold_shapes, fold_constants, simplify_control_flow, remove_noops, eliminate_common_subexpressions,
+                       remove_dead_code]
 LEVELS: dict[int, tuple[list[Pass], list[Pass]]] = {
     0: ([], []),
     1: (CLEANUP, []),

@@ -311,7 +311,7 @@ class Editor:
         for n in list(self.users(old)):
             n.inputs = [new if x is old else x for x in n.inputs]
             for sg in n.subgraphs():
-                _replace_in_subgraph(sg, old, new)
+                replace_in_graph(sg, old, new)
             self.uses.setdefault(id(new), []).append(n)
         self.uses.pop(id(old), None)
         if self.is_output(old):
@@ -369,11 +369,12 @@ class Editor:
                 self.uses[id(v)] = [u for u in self.uses[id(v)] if u is not n]
 
 
-def _replace_in_subgraph(g: Graph, old: Value, new: Value) -> None:
+def replace_in_graph(g: Graph, old: Value, new: Value) -> None:
+    """Every read of ``old`` in ``g`` (its nodes, its bodies, its outputs) reads ``new``."""
     for n in g.nodes:
         n.inputs = [new if x is old else x for x in n.inputs]
         for sg in n.subgraphs():
-            _replace_in_subgraph(sg, old, new)
+            replace_in_graph(sg, old, new)
     g.outputs = [new if x is old else x for x in g.outputs]
 
 
