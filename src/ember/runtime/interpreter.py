@@ -136,9 +136,12 @@ class Interpreter:
         self.execute(self._plan(g), env)
         return [env[v.name] for v in g.outputs]
 
-    def execute(self, steps: "list[Any]", env: Any, at: Optional[list] = None) -> None:
+    def execute(self, steps: "list[Any]", env: Any, at: Optional[list] = None,
+                record: Optional[list] = None) -> None:
         """Run steps (objects with node, opdef, inputs, outputs, free_after) in ``env``, in place.
-        ``at``: if given, ``at[0]`` is kept at the index of the step running (to name a failing one)."""
+        ``at``: if given, ``at[0]`` is kept at the index of the step running (to name a failing one).
+        ``record``: if given, gets (step, bound tactic, args, outputs) of every step (CPU emulation of
+        a CUDA-graph capture, for tests of the run path)."""
 
         def run_sub(sub: Graph, sub_inputs: list) -> list:
             return self.run_graph(sub, sub_inputs, env)
@@ -162,25 +165,14 @@ class Interpreter:
                     bound = self.bound.get(step.node.name)
                     keys = step.inputs if bound is None else [bound.remap.get(j, k) for j, k in enumerate(step.inputs)]
                     args = [env[n] if n is not None else None for n in keys]
+            result = self.invoke(step, bound, args, run_sub)
+            if record is not None:
+                record.append((step, bound, args, result))
             if step.kernel is not None:  # a generated kernel for a whole fusion group, or plan glue
-                env[step.outputs[0]] = step.kernel(*args)
+                env[step.outputs[0]] = result
                 for name in step.free_after:
                     env.maps[0].pop(name, None)
                 continue
-            ctx = OpContext(num_outputs=len(step.outputs), node_name=step.node.name, run_graph=run_sub,
-                            output_dtypes=[o.dtype for o in step.node.outputs], memo=step.memo)
-            try:
-                if bound is not None:
-                    result = bound.run(args, bound.attrs, ctx)
-                else:
-                    result = step.opdef.call(args, step.node.attrs, ctx)
-            except EmberError:
-                raise
-            except Exception as e:  # a reference function failed: say which node, with what
-                shapes = ", ".join(_describe(a) for a in args)
-                raise NodeExecutionError(
-                    f"node '{step.node.name}' ({step.node.op}) failed on inputs ({shapes}): "
-                    f"{type(e).__name__}: {e}") from e
             if isinstance(result, tuple):  # several outputs (a list is one sequence value)
                 if len(result) < len(step.outputs):
                     raise NodeExecutionError(
@@ -192,6 +184,25 @@ class Interpreter:
                 env[step.outputs[0]] = result
             for name in step.free_after:
                 env.maps[0].pop(name, None)
+
+
+    def invoke(self, step: Any, bound: Optional[BoundTactic], args: list, run_sub: Any = None) -> Any:
+        """Compute one step's result from its arguments."""
+        if step.kernel is not None:
+            return step.kernel(*args)
+        ctx = OpContext(num_outputs=len(step.outputs), node_name=step.node.name, run_graph=run_sub,
+                        output_dtypes=[o.dtype for o in step.node.outputs], memo=step.memo)
+        try:
+            if bound is not None:
+                return bound.run(args, bound.attrs, ctx)
+            return step.opdef.call(args, step.node.attrs, ctx)
+        except EmberError:
+            raise
+        except Exception as e:  # a reference function failed: say which node, with what
+            shapes = ", ".join(_describe(a) for a in args)
+            raise NodeExecutionError(
+                f"node '{step.node.name}' ({step.node.op}) failed on inputs ({shapes}): "
+                f"{type(e).__name__}: {e}") from e
 
 
 def _describe(a: Any) -> str:

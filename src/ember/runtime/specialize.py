@@ -366,7 +366,9 @@ class _Specializer:
             isinstance(m, torch.Tensor) for m, o in zip(metas, node.outputs) if o.kind == "tensor")
         if self.scopes and (host_reason or not shapes_known):
             raise _Abort(host_reason or "data-dependent shapes")
-        step = Step(node, opdef, keys, out_keys, host=bool(host_reason), reason=host_reason)
+        # a step whose output shapes depend on the data learns them on the host (a sync): it runs eagerly
+        step = Step(node, opdef, keys, out_keys, host=bool(host_reason) or not shapes_known,
+                    reason=host_reason or ("" if shapes_known else "its output shapes depend on the data"))
         self.steps.append(step)
         for k, m in zip(out_keys, metas):
             self.meta[k] = m
