@@ -261,3 +261,27 @@ def test_math_modes_take_turns_and_restore_the_process_switches():
         with pytest.raises(ember.EmberError, match="math mode"):
             with mathmode.applied(ieee, cuda):
                 pass
+
+
+def test_staged_runs_fill_pinned_buffers_and_overlap_two_slots(tmp_path, rng):
+    """The server path: the batcher writes rows into the staged inputs, submits, and gathers the
+    next batch into the other slot while the first runs."""
+    path = _mlp(tmp_path)
+    with emulated_graphs():
+        eng = ember.build(path, device="cpu")
+        ctx = eng.create_execution_context()
+        xs = [rng.standard_normal((n, 8)).astype(np.float32) for n in (3, 5, 3, 3)]
+        pending = []
+        for x in xs:
+            run = ctx.stage({"x": (x.shape, np.float32)})
+            assert run.inputs["x"].shape == x.shape
+            run.inputs["x"][...] = x  # straight into the slot's buffer
+            run.submit()
+            pending.append((x, run))
+            if len(pending) == 2:  # two in flight, then collect the older
+                x0, r0 = pending.pop(0)
+                np.testing.assert_allclose(r0.wait()["y"], _ort(path, {"x": x0})["y"], rtol=1e-5, atol=1e-6)
+        for x0, r0 in pending:
+            np.testing.assert_allclose(r0.wait()["y"], _ort(path, {"x": x0})["y"], rtol=1e-5, atol=1e-6)
+        plan = ctx._plans[ctx._routes[ctx._signature({"x": ((3, 8), np.float32)}, {})][0]]
+        assert len(plan.slots) == 2

@@ -62,6 +62,7 @@ class _Plan:
     eager: bool = False  # no CUDA graph: every step runs eagerly
     notes: list[str] = field(default_factory=list)
     pinned_in: dict[str, torch.Tensor] = field(default_factory=dict)
+    slots: list = field(default_factory=list)  # staging slots of the server path (StagedRun)
 
     @property
     def graphs(self) -> int:
@@ -82,6 +83,41 @@ class _Rows:
     bucket: int
     inputs: dict
     outputs: dict
+
+
+class _Slot:
+    """Pinned host buffers for one run in flight: inputs (the plan's shapes) and outputs."""
+
+    def __init__(self, ctx: "ExecutionContext", plan: _Plan):
+        self.inputs = {k: ctx._pinned(tuple(b.shape), b.dtype) for k, b in plan.inputs.items()}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.done: Any = None  # event recorded after the slot's outputs are copied out
+        self.busy = False
+
+
+class StagedRun:
+    """One run prepared for the server path: fill ``inputs`` (numpy views of pinned buffers, already
+    cut to the run's rows), ``submit()`` (copies in, replays, copies out, all queued on the context's
+    stream) and ``wait()`` for the outputs: numpy views of pinned buffers, valid until this slot is
+    staged again (two runs later). Two slots per plan let the next batch be gathered on the CPU while
+    this one runs on the GPU."""
+
+    def __init__(self, ctx: "ExecutionContext", plan: _Plan, rows: Optional["_Rows"], slot: _Slot,
+                 shapes: dict[str, tuple]):
+        self.ctx, self.plan, self.rows, self.slot = ctx, plan, rows, slot
+        self.inputs: dict[str, np.ndarray] = {}
+        for name, pin in slot.inputs.items():
+            view = pin
+            if rows is not None and name in rows.inputs:
+                view = pin.narrow(rows.inputs[name], 0, rows.n)
+            self.inputs[name] = _numpy_view(view)
+        self._outs: Optional[dict[str, Any]] = None
+
+    def submit(self) -> None:
+        self.ctx._submit(self)
+
+    def wait(self) -> dict[str, np.ndarray]:
+        return self.ctx._wait(self)
 
 
 class _CaptureFailed(Exception):
@@ -229,6 +265,70 @@ class ExecutionContext:
             self._sync()
             return {k: (b.narrow(rows.inputs[k], 0, rows.n) if rows is not None and k in rows.inputs else b)
                     for k, b in plan.inputs.items()}
+
+    def stage(self, shapes: Mapping[str, tuple], values: Optional[Mapping[str, Any]] = None) -> StagedRun:
+        """A run with inputs of these (shape, dtype)s, for callers that write the inputs themselves
+        (the server's batcher gathers requests straight into pinned memory). ``values``: the values of
+        value inputs (Interpreter.value_inputs), which key the plan. Plans the signature on first use."""
+        data: dict[str, Any] = {}
+        for name, (shape, dt) in shapes.items():
+            if values is not None and name in values:
+                data[name] = np.asarray(values[name])
+            else:
+                data[name] = _warm_data(tuple(shape), _np_of(_torch_dtype(dt)))
+        with self._lock, torch.inference_mode():
+            if not self.planned or not self._tensor_io:
+                raise InputError("stage() needs a GPU engine with tensor inputs and outputs; use run()")
+            with self._on_stream():
+                plan, rows = self._plan_for({k: (tuple(s), d) for k, (s, d) in shapes.items()}, data)
+            if len(plan.slots) < 2:
+                plan.slots.append(_Slot(self, plan))
+                slot = plan.slots[-1]
+            else:
+                slot = min(plan.slots, key=lambda sl: sl.busy)  # the one not in flight, else the older
+                plan.slots.remove(slot)
+                plan.slots.append(slot)
+            if slot.busy and slot.done is not None:
+                slot.done.synchronize()  # its last run's outputs are read: the server copied them
+            slot.busy = False
+            return StagedRun(self, plan, rows, slot, dict(shapes))
+
+    def _submit(self, run: StagedRun) -> None:
+        with self._lock, torch.inference_mode():
+            plan, rows, slot = run.plan, run.rows, run.slot
+            with self._on_stream():
+                for name, buf in plan.inputs.items():
+                    pin, dev = slot.inputs[name], buf
+                    if rows is not None and name in rows.inputs:
+                        ax = rows.inputs[name]
+                        pin, dev = pin.narrow(ax, 0, rows.n), dev.narrow(ax, 0, rows.n)
+                    dev.copy_(pin, non_blocking=True)
+                outs = _cut(self._execute(plan), rows)
+                host: dict[str, Any] = {}
+                for k, v in outs.items():
+                    if not isinstance(v, torch.Tensor):
+                        host[k] = v
+                        continue
+                    need = v.numel() * v.element_size()
+                    pin = slot.outputs.get(k)
+                    if pin is None or pin.numel() < need:
+                        pin = slot.outputs[k] = self._pinned((max(need, 1),), torch.uint8)
+                    view = pin[:need].view(v.dtype).view(v.shape)
+                    view.copy_(v, non_blocking=True)
+                    host[k] = view
+                if self.cuda:
+                    slot.done = torch.cuda.Event()
+                    slot.done.record(self.stream)
+            slot.busy = True
+            run._outs = host
+
+    def _wait(self, run: StagedRun) -> dict[str, np.ndarray]:
+        if run._outs is None:
+            raise InputError("wait() before submit()")
+        if run.slot.done is not None:
+            run.slot.done.synchronize()
+        return {k: tensor_to_numpy(v) if isinstance(v, torch.Tensor) else to_numpy_value(v)
+                for k, v in run._outs.items()}
 
     # -- reports ------------------------------------------------------------------------------------------
     @property
@@ -696,6 +796,31 @@ def _host_values(x: Any) -> list:
     return np.asarray(x).reshape(-1).tolist()
 
 
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy array sharing ``t``'s memory (writes go to ``t``), bf16/fp8 through their bits."""
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        bits = t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
+        return bits.view(_np_of(t.dtype))
+    return t.numpy()
+
+
+def _np_of(dt: torch.dtype) -> Any:
+    from ..ops.torch_types import from_torch
+
+    return _np_dtype_of(from_torch(dt))
+
+
+def _warm_data(shape: tuple, dtype: Any) -> np.ndarray:
+    """Inputs to plan and warm a signature with before real data arrives: small random floats, zero
+    integers (valid indices), all-true masks."""
+    dt = np.dtype(dtype)
+    if dt.kind == "f":
+        return np.random.default_rng(0).standard_normal(shape).astype(dt)
+    if dt.kind == "b":
+        return np.ones(shape, dtype=dt)
+    return np.zeros(shape, dtype=dt)
+
+
 def _torch_dtype(dt: Any) -> torch.dtype:
     if isinstance(dt, torch.dtype):
         return dt
@@ -729,4 +854,4 @@ def emulated_graphs() -> Iterator[None]:
         ExecutionContext.emulate_graphs = prev
 
 
-__all__ = ["ExecutionContext", "emulated_graphs"]
+__all__ = ["ExecutionContext", "StagedRun", "emulated_graphs"]
