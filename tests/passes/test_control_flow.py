@@ -192,18 +192,19 @@ def test_patterns_stop_at_the_body_boundary(tmp_path):
 def test_weights_carried_through_a_loop_become_outer_constants(tmp_path):
     # tf2onnx's Keras LSTM passes its kernel through the while loop as a carried value: in the body it
     # is an input, so nothing folds. Forwarded, the body reads the constant and its MatMul is a GEMM.
+    # (The kernel is the first carried value and its final value a graph output: it becomes an Identity.)
     b = loop_body([mk("MatMul", ["acc", "w_in"], ["mm"]), mk("Tanh", ["mm"], ["acc_out"]),
                    mk("Identity", ["acc_out"], ["step"])],
-                  [tensor("acc", [2, 4]), tensor("w_in", [4, 4])],
-                  [tensor("acc_out", [2, 4]), tensor("w_in", [4, 4]), tensor("step", [2, 4])])
-    m = model([mk("Loop", ["M", "", "x", "W"], ["y", "w_final", "steps"], body=b)], [tensor("x", [2, 4])],
-              [tensor("y", [2, 4]), tensor("w_final", [4, 4]), tensor("steps", [3, 2, 4])],
+                  [tensor("w_in", [4, 4]), tensor("acc", [2, 4])],
+                  [tensor("w_in", [4, 4]), tensor("acc_out", [2, 4]), tensor("step", [2, 4])])
+    m = model([mk("Loop", ["M", "", "W", "x"], ["w_final", "y", "steps"], body=b)], [tensor("x", [2, 4])],
+              [tensor("w_final", [4, 4]), tensor("y", [2, 4]), tensor("steps", [3, 2, 4])],
               [init("M", np.array(3, np.int64)), init("W", rand(4, 4, seed=2))])
     eng = check(m, {"x": rand(2, 4)}, 2, tmp_path)
     loop = next(n for n in eng.graph.nodes if n.op == "Loop")
     assert len(loop.inputs) == 3 and len(loop.outputs) == 2  # W left the loop's interface
     assert "ember.Gemm" in graphs_ops(eng.graph)["loop_body"]
-    assert [v.name for v in eng.graph.outputs] == ["y", "w_final", "steps"]
+    assert [v.name for v in eng.graph.outputs] == ["w_final", "y", "steps"]
 
 
 def test_scan_state_passed_through_unchanged_is_forwarded(tmp_path):

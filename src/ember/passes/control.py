@@ -31,6 +31,15 @@ from ..ir.graph import Graph, Value
 from .rewrite import Editor, Match, P, PassContext, Rule, apply_rules, replace_in_graph
 
 
+def _for_output(ed: Editor, old: Value, new: Value, made: set[int], given: list[Value]) -> Value:
+    """``new`` replaces ``old``. A graph output keeps its name, so when ``new`` is not computed by a node
+    this rewrite made (a constant, an input, an outer value, or a value already given for another
+    output), it passes through an Identity that takes the name."""
+    if ed.is_output(old) and (new.producer is None or id(new.producer) not in made or new in given):
+        return ed.out("Identity", [new], name=old.name, like=old)
+    return new
+
+
 def _inline_if(ed: Editor, m: Match) -> Optional[Value]:
     node = m.node("y")
     cond = np.asarray(m.const("c"))
@@ -44,10 +53,7 @@ def _inline_if(ed: Editor, m: Match) -> Optional[Value]:
     ed.graph.initializers.update(branch.initializers)
     results: list[Value] = []
     for o, b in zip(node.outputs, branch.outputs):
-        if ed.is_output(o) and (b.producer is None or id(b.producer) not in moved or b in results):
-            # the graph's output keeps its name: a constant, an outer value or a value given twice
-            # is passed through an Identity of that name
-            b = ed.out("Identity", [b], name=o.name, like=o)
+        b = _for_output(ed, o, b, moved, results)
         if b.dtype is None:
             b.dtype = o.dtype
         if b.shape is None:
@@ -105,12 +111,15 @@ def _forward_invariants(ed: Editor, m: Match) -> Optional[Value]:
         n.dtype, n.kind = o.dtype or n.dtype, o.kind
         n.shape = o.shape if o.shape is not None else n.shape
         results[id(o)] = n
+    root = node.outputs[0]
     for o in node.outputs[1:]:
         n = results[id(o)]
         if n.producer is new and not ed.is_output(o):
             o.name, n.name = ed.fresh_name(o.name + ".old"), o.name  # the value keeps its name
         ed.replace(o, n)
-    return results[id(node.outputs[0])]
+    # (an output gets an Identity rather than an input or constant, which the engine would decline
+    # after the body has changed)
+    return _for_output(ed, root, results[id(root)], {id(new)}, [])
 
 
 FORWARD_INVARIANTS_RULE = Rule("forward_loop_invariants", P(("Loop", "Scan"), name="y", open_inputs=True),
