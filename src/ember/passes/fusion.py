@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..ir.graph import Graph, Node, Value
+from ..ir.graph import Graph, Node
 from ..ir.shapes import broadcast_shapes
 from ..ops import get, known_ops
 from .patterns import _reduce_axes
