@@ -279,7 +279,7 @@ def bench_gpu(model: Model, precisions=PRECISIONS, runs: int = 50, offline: bool
     try:
         path = fetch(model, offline=offline)
         feeds = make_feeds(model)
-        ref, _ = reference(path, feeds)
+        ref = ort_run(ort_session(path, True), feeds)  # ORT CPU fp32
         ep = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
         sess = ort_session(path, True, tuple(dict.fromkeys((ep, "CPUExecutionProvider"))))
         if ep not in sess.get_providers():

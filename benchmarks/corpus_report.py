@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -181,10 +182,13 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         for m in refused:
             r = doc["models"][m.name].get("cpu") or {}
             tag = _tag(r.get("known_defect"), defects) if r.get("status") != "refused" else ""
-            seen = (r.get("error") or r.get("status", "not run")).replace("\n", " ").replace("|", "/")[:160]
+            seen = re.sub(r"(?<=\s)/\S*/([^/\s:]+)", r"\1", r.get("error") or "")  # a cache path says nothing here
+            seen = " ".join(seen.split()).replace("|", "/")[:170]
             out.append(f"| {m.name} | `{m.package}` | {m.ops} | `{m.expect_error[0]}` /{m.expect_error[1]}/ "
                        f"| {r.get('status', 'not run')}: {seen}{tag} |")
     if defects:
-        out += ["", "## Known defects (the corpus test marks these `xfail(strict=True)`)", ""]
+        out += ["", "## Known defects", "",
+                "Registry entries name them (`known_defect`); `tests/models/test_corpus.py` marks those of its subset "
+                "`xfail(strict=True)`, so a fix shows up as XPASS and the entry's `known_defect` goes.", ""]
         out += [f"{i}. {d}" for d, i in defects.items()]
     Path(path).write_text("\n".join(out) + "\n")
