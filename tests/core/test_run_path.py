@@ -285,3 +285,24 @@ def test_staged_runs_fill_pinned_buffers_and_overlap_two_slots(tmp_path, rng):
             np.testing.assert_allclose(r0.wait()["y"], _ort(path, {"x": x0})["y"], rtol=1e-5, atol=1e-6)
         plan = ctx._plans[ctx._routes[ctx._signature({"x": ((3, 8), np.float32)}, {})][0]]
         assert len(plan.slots) == 2
+
+
+def test_inspect_says_whether_a_model_is_one_graph_and_what_breaks_it(tmp_path):
+    from click.testing import CliRunner
+
+    from ember.cli.main import cli
+    from ember.tools.plan_report import graph_plan
+
+    nz = _nonzero_model(tmp_path)
+    out = CliRunner().invoke(cli, ["inspect", nz]).output
+    assert "1 host step" in out and "nz (NonZero): its output shapes depend on the data" in out, out
+    mlp = _mlp(tmp_path)
+    assert "runs as one CUDA graph" in CliRunner().invoke(cli, ["inspect", mlp]).output
+    # a value input decides the If: one graph for any value given, the value keys the plan
+    eng = ember.build(_if_model(tmp_path, cond_from_value_input=True), device="cpu")
+    for sr in (16000, 8000):
+        plan = graph_plan(eng.graph, {"x": (2, 3), "sr": ()}, {"sr": sr})
+        assert plan["one_graph"] and plan["value_inputs"] == ["sr"], plan
+    data_if = ember.build(_if_model(tmp_path, cond_from_value_input=False), device="cpu")
+    plan = graph_plan(data_if.graph, {"x": (2, 3)})
+    assert not plan["one_graph"] and [b["node"] for b in plan["breaks"]] == ["branch"]

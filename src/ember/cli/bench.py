@@ -151,6 +151,12 @@ def benchmark(engine, feeds: dict[str, np.ndarray], *, warmup_ms: float = 200.0,
     res["context"] = type(ctx).__name__
     res["cuda_graph"] = bool(getattr(ctx, "cuda_graph", cuda_graph)) and engine.device == "cuda"
     res["device"] = engine.device
+    report = getattr(ctx, "capture_report", None)
+    if report is not None:
+        try:
+            res["graph"] = report()
+        except Exception as e:  # a report is an extra; the timings stand
+            res["graph"] = {"error": f"{type(e).__name__}: {e}"}
     return res
 
 
@@ -194,7 +200,13 @@ def _bench_cuda(engine, ctx, feeds, warmup_ms, duration_s, min_iterations, data_
     run_device = device_runner(ctx)
     stream = getattr(ctx, "stream", None) or torch.cuda.current_stream()
     with torch.inference_mode(), torch.cuda.stream(stream):
-        dev_in = device_feeds(engine, feeds)  # the device buffers every iteration copies into
+        dev_in = device_feeds(engine, feeds)
+        bind = getattr(ctx, "input_buffers", None)
+        if bind is not None:  # the context's own static input buffers: copies land where the graph reads
+            bound = bind(dev_in)
+            for k, t in bound.items():
+                t.copy_(dev_in[k])
+            dev_in = bound
         pinned = {k: torch.from_numpy(np.ascontiguousarray(feeds[k])).pin_memory()
                   for k, v in dev_in.items() if isinstance(v, torch.Tensor) and k in feeds}
         host_out: dict[str, torch.Tensor] = {}
@@ -269,6 +281,17 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
     console.print(f"{r['iterations']} iterations in {r['wall_s']:.2f} s; first run {r['first_run_ms']:.1f} ms; "
                   f"context {r['context']}{', CUDA graph' if r['cuda_graph'] else ''}"
                   f"{'' if cfg['data_transfers'] else ', no data transfers'}")
+    graph = r.get("graph") or {}
+    if gpu and graph and "error" not in graph:
+        if graph.get("one_graph"):
+            console.print("Execution: one CUDA graph" + (f" (padded to batch bucket {graph['bucket']})"
+                                                           if graph.get("bucket") else ""))
+        else:
+            why = "; ".join(f"{b['node']} ({b['op']}): {b['reason']}" for b in graph.get("breaks", [])[:4])
+            console.print(f"Execution: {graph.get('graphs', 0)} CUDA graph(s), {graph.get('host_steps', 0)} host "
+                          f"step(s) between them{'; broken by ' + why if why else ''}", markup=False)
+        for note in graph.get("notes", [])[:4]:
+            console.print(f"  note: {note}", markup=False)
     tput = r["throughput"]
     line = f"Throughput: {tput['inferences_per_s']:.1f} inferences/s"
     if tput.get("samples_per_s"):

@@ -44,3 +44,12 @@ def inspect_cmd(model: str, as_json: bool, opt_level: int) -> None:
     con.print(t)
     con.print(f"nodes: {info['nodes_in']} in the ONNX graph -> {info['nodes_out']} after optimization "
               f"({info['ir_nodes_out']} IR nodes, {info['fusion_groups']} fusion groups, {info['anchors']} anchors)")
+    plan = info.get("cuda_graph")
+    if plan:
+        from ..tools.plan_report import describe
+
+        shapes = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in plan["shapes"].items())
+        con.print(f"on a GPU, at {shapes} ({plan['shapes_from']}): {describe(plan)}", markup=False, highlight=False)
+        if plan.get("value_inputs"):
+            con.print(f"  inputs whose values key the plan (one plan per value): {', '.join(plan['value_inputs'])}",
+                      markup=False)

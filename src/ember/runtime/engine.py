@@ -119,9 +119,18 @@ class Engine:
             if backend != "reference":
                 raise EngineFileError(f"engine '{os.fspath(path)}' needs backend '{backend}', which this ember "
                                       "does not have; rebuild it for this machine")
-            if dev.type == "cuda" and not allow_other_gpu:
+            if dev.type == "cuda":  # the checks `ember doctor` runs, for this GPU (compat.py)
+                from . import compat
+
                 p = torch.cuda.get_device_properties(dev)
-                check_same_gpu(f.manifest, p.name, f"{p.major}.{p.minor}", os.fspath(path))
+                host = compat.host_for_gpu(p.name, f"{p.major}.{p.minor}", torch=torch.__version__,
+                                           triton=kernel_store.triton_version(), backends=["reference"])
+                problems = compat.check_engine(f.manifest, host, allow_other_gpu=allow_other_gpu,
+                                               engine=os.fspath(path))
+                compat.require_runnable(problems, os.fspath(path))
+                for w in problems:
+                    if w.severity != "error":
+                        log.warning("engine '%s': %s. %s", os.fspath(path), w.reason, w.remedy)
             stored = f.manifest.get("kernels") or {}
             kernels: dict[str, bytes] = {}
             if dev.type == "cuda" and stored.get("triton") and stored.get("triton") == kernel_store.triton_version():

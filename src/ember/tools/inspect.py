@@ -67,4 +67,8 @@ def inspect_model(model: Any, opt_level: int = 2) -> dict[str, Any]:
     }
     if loaded.kind == "engine":
         info["manifest"] = {k: loaded.manifest.get(k) for k in ("ember_version", "device", "precision", "backend")}
+    from .plan_report import graph_plan, representative_shapes
+
+    shapes, where = representative_shapes(g, loaded.manifest if loaded.kind == "engine" else None)
+    info["cuda_graph"] = graph_plan(g, shapes) | {"shapes_from": where}
     return info
