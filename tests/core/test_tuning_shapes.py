@@ -162,3 +162,24 @@ def test_short_initializer_is_a_model_load_error():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
     with pytest.raises(ModelLoadError, match=r"tensor 'weights' declares shape \[4\] \(4 elements\)"):
         ember.build(model, device="cpu")
+
+
+def test_nodes_out_of_topological_order_are_sorted():
+    """ONNX requires topological order; some exporters break it and ONNX Runtime sorts: so do we."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Relu", ["t"], ["y"], name="reads_later"),
+             helper.make_node("Neg", ["x"], ["t"], name="defined_after")]
+    model = _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    a = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(ember.build(model, device="cpu").run({"x": a})["y"], np.maximum(-a, 0))
+
+
+def test_string_initializer_is_listed_as_unsupported():
+    from ember.errors import UnsupportedOpError
+
+    table = helper.make_tensor("table", TensorProto.STRING, [2], [b"a", b"b"])
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [2])
+    model = _model([helper.make_node("Identity", ["x"], ["y"])], [x],
+                   [helper.make_tensor_value_info("y", TensorProto.INT64, [2])], [table])
+    with pytest.raises(UnsupportedOpError, match=r"tensor 'table' holds strings"):
+        ember.build(model, device="cpu")

@@ -244,17 +244,20 @@ class _Search:
 
 def _discover(free: _Free, search: _Search) -> Optional[dict[str, int]]:
     """Values for the free symbols at which the graph runs: the hints if they run; else the smallest
-    common size that runs, then each hinted symbol raised to its hint and each other one lowered to
-    1 where the graph still runs (an OCR recognizer: height stays 32, width goes to 320)."""
+    common size that runs (batch-like dims too, if need be), then each hinted symbol raised to its hint
+    and each other one lowered to 1 where the graph still runs (an OCR recognizer: height stays 32,
+    width goes to 320)."""
     base = {s: 1 for s in free.batch}
     env = {**base, **free.hints, **{s: 1 for s in free.grow}}
     if search.runs(env):
         return env
     others = list(free.hints) + free.grow
     found = next((e for g in GROWTH if search.runs(e := {**base, **{s: g for s in others}})), None)
+    if found is None and free.batch:  # a batch of 1 may be too few (index inputs counting rows)
+        found = next((e for g in GROWTH if search.runs(e := {s: g for s in free.names})), None)
     if found is None:
         return None
-    for s, want in [*free.hints.items(), *((s, 1) for s in free.grow)]:
+    for s, want in [*free.hints.items(), *((s, 1) for s in free.grow), *((s, 1) for s in sorted(free.batch))]:
         if found[s] != want and search.runs(trial := {**found, s: want}):
             found = trial
     return found

@@ -197,7 +197,11 @@ class Importer:
             self.value_info.setdefault(vi.name, vi.type)
         init_names = {t.name for t in gp.initializer} | {s.values.name for s in gp.sparse_initializer}
         for t in gp.initializer:
-            scope.names[t.name] = g.add_const(self.unique(t.name), _tensor_to_numpy(t))
+            try:
+                scope.names[t.name] = g.add_const(self.unique(t.name), _tensor_to_numpy(t))
+            except _Unsupported as e:  # a string table: listed with the unsupported nodes
+                self.unsupported.append((t.name, "initializer", "", self.opset, str(e)))
+                scope.names[t.name] = Value(self.unique(t.name))
         for st in gp.sparse_initializer:
             dense = numpy_helper.to_array(onnx.helper.make_tensor(
                 st.values.name, st.values.data_type, list(st.dims),
@@ -210,7 +214,7 @@ class Importer:
             apply_type(v, vi.type)
             g.inputs.append(v)
             scope.names[vi.name] = v
-        for np_ in gp.node:
+        for np_ in _topological(gp.node):
             self.convert_node(np_, g, scope)
         for vo in gp.output:
             v = scope.lookup(vo.name)
@@ -255,6 +259,43 @@ class Importer:
 
 class _Unsupported(Exception):
     pass
+
+
+def _names_read(np_: onnx.NodeProto) -> set[str]:
+    """What a node reads: its inputs, and what its subgraphs read from enclosing scopes."""
+    out = {x for x in np_.input if x}
+    for a in np_.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in sub.node:
+                out |= _names_read(n)
+    return out
+
+
+def _topological(nodes) -> list[onnx.NodeProto]:
+    """The nodes in an order where each comes after the nodes it reads from (ONNX requires it, some
+    exporters do not keep it; ONNX Runtime sorts). The file's order where it is already valid."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [sorted({producer[x] for x in _names_read(n) if x in producer} - {i}) for i, n in enumerate(nodes)]
+    if all(d < i for i, ds in enumerate(deps) for d in ds):
+        return list(nodes)
+    order: list[int] = []
+    state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
+    for root in range(len(nodes)):
+        if state[root]:
+            continue
+        state[root] = 1
+        stack = [(root, iter(deps[root]))]
+        while stack:
+            i, it = stack[-1]
+            nxt = next((d for d in it if state[d] == 0), None)
+            if nxt is not None:
+                state[nxt] = 1
+                stack.append((nxt, iter(deps[nxt])))
+                continue
+            stack.pop()
+            state[i] = 2
+            order.append(i)
+    return [nodes[i] for i in order]  # a cycle keeps some reader first: its missing input is reported
 
 
 class NodeBuilder:
