@@ -1,7 +1,19 @@
-"""Shared test configuration: CUDA tests skip without a GPU; the conformance tally is printed."""
+"""Shared test configuration: CUDA tests skip without a GPU; every engine the suite builds round-trips
+through its file (tests/roundtrip.py); the conformance and round-trip tallies are printed."""
 from __future__ import annotations
 
 import pytest
+
+from tests import roundtrip
+
+
+@pytest.fixture(autouse=True, scope="session")
+def engines_round_trip():
+    """Every engine built by ember.build / ember.builder.build is saved, loaded and run again on each of
+    its runs, and must give identical outputs (tests/roundtrip.py)."""
+    roundtrip.install()
+    yield roundtrip.STATS
+    roundtrip.cleanup()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,6 +44,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 xfailed += 1
             else:
                 failed += 1
+    rt = roundtrip.STATS
+    if rt["engines"] or rt["exempt"]:
+        terminalreporter.write_line(
+            f"Round trip: {rt['engines']} engines saved, loaded and run again; {rt['runs']} runs gave identical "
+            f"outputs; {rt['exempt']} runs exempt (random ops: {', '.join(sorted(roundtrip.NONDETERMINISTIC_OPS))})")
     total = passed + failed + xfailed
     if total:
         terminalreporter.write_line(

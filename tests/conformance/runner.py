@@ -7,7 +7,8 @@ from onnx import TensorProto
 
 from ember.frontend.onnx import import_onnx
 from ember.ops.torch_types import to_numpy_value, to_torch_value
-from ember.runtime.interpreter import Interpreter
+from ember.runtime.engine import Engine
+from tests.roundtrip import track
 
 _OK = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.INT8,
        TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16,
@@ -39,7 +40,7 @@ def collect():
 def run_case(case) -> None:
     model: onnx.ModelProto = case.model
     graph = import_onnx(model)
-    interp = Interpreter(graph, "cpu")
+    interp = track(Engine(graph, device="cpu"))._interp  # each run also round-trips through an engine file
     init = {t.name for t in model.graph.initializer}
     in_names = [vi.name for vi in model.graph.input if vi.name not in init]
     for inputs, expected in case.data_sets:
