@@ -49,17 +49,20 @@ PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
               help="Profiled runs per layer (median).")
 @click.option("--export-json", type=click.Path(dir_okay=False), help="Write every number to this JSON file.")
 @click.option("--seed", default=0, show_default=True, help="Seed of random inputs.")
+@click.option("--allow-fallback", is_flag=True,
+              help="Run layers whose built kernels cannot run here with the reference kernels (listed).")
 @click.option("--verify-key", type=click.Path(dir_okay=False), metavar="KEYFILE",
               help="Load the engine only if it is signed with the key in KEYFILE (ember build --sign-key).")
 def bench_cmd(model: str, warmup_ms: float, duration_s: float, min_iterations: int, batch: Optional[int],
               shapes: tuple[str, ...], inputs: tuple[str, ...], cuda_graph: bool, no_data_transfers: bool,
               device: str, precision: Optional[str], opt_level: Optional[int], dump_profile: bool,
-              profile_runs: int, export_json: Optional[str], seed: int, verify_key: Optional[str]) -> None:
+              profile_runs: int, export_json: Optional[str], seed: int, allow_fallback: bool,
+              verify_key: Optional[str]) -> None:
     """Measure throughput and latency of an engine (or an ONNX model, built in memory)."""
     console = make_console()
     t0 = time.perf_counter()
     shape_map = parse_shapes(shapes)
-    engine = _load(model, device, precision, opt_level, shape_map, verify_key)
+    engine = _load(model, device, precision, opt_level, shape_map, verify_key, allow_fallback)
     load_s = time.perf_counter() - t0
     samples_per_inference = None
     if batch is not None:
@@ -93,7 +96,8 @@ def bench_cmd(model: str, warmup_ms: float, duration_s: float, min_iterations: i
 
 
 def _load(model: str, device: str, precision: Optional[str], opt_level: Optional[int],
-          shapes: "dict[str, tuple[int, ...]] | None" = None, verify_key: Optional[str] = None):
+          shapes: "dict[str, tuple[int, ...]] | None" = None, verify_key: Optional[str] = None,
+          allow_fallback: bool = False):
     from .common import _is_engine
     from ..runtime.format import MANIFEST
 
@@ -101,7 +105,7 @@ def _load(model: str, device: str, precision: Optional[str], opt_level: Optional
         if precision is not None or opt_level is not None:
             raise EmberError(f"{model} is a built engine: its precision and optimization level were fixed when "
                              "it was built. Drop --precision/--opt-level, or bench the ONNX model instead")
-        return load_engine_or_model(model, device=device, verify_key=verify_key)
+        return load_engine_or_model(model, device=device, verify_key=verify_key, allow_fallback=allow_fallback)
     if verify_key:
         raise EmberError(f"--verify-key checks engine files, and {model} is not one: an ONNX model is built here, "
                          "not loaded. Drop --verify-key, or bench an engine built with --sign-key")

@@ -49,14 +49,15 @@ def parse_shapes(items: "tuple[str, ...] | list[str]") -> dict[str, tuple[int, .
 
 
 def load_engine_or_model(path: str, device: str = "auto", opt_level: "int | None" = None,
-                         verify_key: "str | None" = None):
-    """An .engine file is loaded (only if signed with the key in ``verify_key``, when given); anything
-    else is built from ONNX in memory."""
+                         verify_key: "str | None" = None, allow_fallback: bool = False):
+    """An .engine file is loaded (only if signed with the key in ``verify_key``, when given; with
+    ``allow_fallback``, layers whose kernels cannot run here use the reference ones); anything else is
+    built from ONNX in memory."""
     import ember
     from ..runtime.format import MANIFEST
 
     if _is_engine(path, MANIFEST):
-        return ember.Engine.load(path, device=device, verify_key=verify_key)
+        return ember.Engine.load(path, device=device, verify_key=verify_key, allow_fallback=allow_fallback)
     if verify_key:
         raise EmberError(f"--verify-key checks engine files, and {path} is not one: an ONNX model is built here, "
                          "not loaded. Build it with `ember build --sign-key`, or drop --verify-key")

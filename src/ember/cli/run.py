@@ -19,13 +19,15 @@ from .common import load_engine_or_model, make_console, make_feeds, parse_shapes
 @click.option("--save-inputs", type=click.Path(dir_okay=False), help="Save the inputs used to an .npz.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--seed", default=0, show_default=True, help="Seed of random inputs.")
+@click.option("--allow-fallback", is_flag=True,
+              help="Run layers whose built kernels cannot run here with the reference kernels (listed).")
 @click.option("--verify-key", type=click.Path(dir_okay=False), metavar="KEYFILE",
               help="Load the engine only if it is signed with the key in KEYFILE (ember build --sign-key).")
 def run_cmd(model: str, inputs: tuple[str, ...], shapes: tuple[str, ...], save: "str | None",
-            save_inputs: "str | None", device: str, seed: int, verify_key: "str | None") -> None:
+            save_inputs: "str | None", device: str, seed: int, allow_fallback: bool, verify_key: "str | None") -> None:
     """Run an engine (or an ONNX model, built in memory) and summarize each output."""
     console = make_console()
-    engine = load_engine_or_model(model, device=device, verify_key=verify_key)
+    engine = load_engine_or_model(model, device=device, verify_key=verify_key, allow_fallback=allow_fallback)
     feeds = make_feeds(engine, inputs, parse_shapes(shapes), seed)
     t0 = time.perf_counter()
     outs = engine.run(feeds)
