@@ -30,6 +30,7 @@ import torch
 from ..ir.dtypes import DType
 from ..ir.graph import Node
 from .kernel_store import note
+from .template_choice import CONV_CONFIGS, GEMM_CONFIGS, TEMPLATES, TileConfig  # noqa: F401  (re-exported)
 
 try:
     import triton
@@ -272,26 +273,25 @@ def _conv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, M, COUT, H, W, OH, OW,
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# -- tile configurations -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TileConfig:
-    bm: int
-    bn: int
-    bk: int
-    warps: int
-    stages: int
-    group_m: int = 8
+# -- tile configurations (kernels/template_choice.py: the lists, and which of them a shape gets) ------
+@dataclass
+class Launch:
+    """One planned kernel launch. Calling it launches; :meth:`spec` says what its compile needs, so
+    the builder can compile it ahead of time in another process (kernels/compile_pool.py)."""
 
-    def __str__(self) -> str:
-        return f"{self.bm}x{self.bn}x{self.bk},w{self.warps},s{self.stages}"
+    kernel: Any  # the @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict[str, Any]  # constexprs and launch options
 
+    def __call__(self) -> None:
+        note(self.kernel[self.grid](*self.args, **self.meta))
 
-# Hopper fp16/bf16: large tiles for big GEMMs, narrower ones for N = 64..128 and smaller M
-GEMM_CONFIGS = [TileConfig(128, 256, 64, 8, 3), TileConfig(128, 128, 64, 8, 4), TileConfig(128, 128, 32, 4, 4),
-                TileConfig(64, 128, 64, 4, 4), TileConfig(128, 64, 64, 4, 4), TileConfig(64, 64, 64, 4, 4)]
-# convs: Cout is 64..512 while M = N*OH*OW is large; BK=32 suits Cin=3 stems (K=147) and Cin=32
-CONV_CONFIGS = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4), TileConfig(256, 64, 64, 8, 3),
-                TileConfig(128, 256, 64, 8, 3), TileConfig(128, 64, 32, 4, 4), TileConfig(64, 128, 64, 4, 4)]
+    def spec(self) -> "CompileSpec":
+        from .compile_pool import CompileSpec
+
+        return CompileSpec.of(self.kernel, self.args, self.meta)
+
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _I32 = 2 ** 31 - 1
@@ -328,6 +328,22 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
     """ember.Gemm with a 2-D ``b`` ([N, K] with trans_b) in one Triton kernel."""
     attrs = dict(trans_b=trans_b, alpha=alpha, activation=activation, act_keys=act_keys, act_values=act_values,
                  act_after_residual=act_after_residual)
+    planned = gemm_launch(a, b, bias, residual, config=config, **attrs)
+    if planned is None:
+        return _reference("ember.Gemm", [a, b, bias, residual], attrs)
+    c, launch = planned
+    if launch is not None:
+        launch()
+    return c
+
+
+def gemm_launch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None, *, trans_b: int = 0, alpha: float = 1.0,
+                activation: str = "", act_keys: Optional[list] = None, act_values: Optional[list] = None,
+                act_after_residual: int = 0, config: TileConfig = GEMM_CONFIGS[0],
+                **_: Any) -> "tuple[torch.Tensor, Optional[Launch]] | None":
+    """(output, the launch that fills it; None when empty), or None when the template does not cover
+    these inputs. Plans without running: the builder compiles a plan's kernel ahead of time."""
     act = activation_code(activation, act_keys, act_values)
     k = a.shape[-1] if a.dim() >= 1 else -1
     n = b.shape[0] if trans_b else b.shape[-1]
@@ -335,26 +351,26 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
     if (act is None or a.dim() < 2 or b.dim() != 2 or (b.shape[1] if trans_b else b.shape[0]) != k or bv is None
             or a.dtype not in _DTYPES or b.dtype != a.dtype or a.numel() > _I32
             or (residual is not None and tuple(residual.shape) != tuple(a.shape[:-1]) + (n,))):
-        return _reference("ember.Gemm", [a, b, bias, residual], attrs)
+        return None
     lead = a.shape[:-1]
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
-        return c.view(*lead, n)
+        return c.view(*lead, n), None
     sbk, sbn = (b.stride(1), b.stride(0)) if trans_b else (b.stride(0), b.stride(1))
     r2 = residual.reshape(m, n) if residual is not None else c
     code, p0, p1 = act
     cfg = config
     grid = (-(-m // cfg.bm) * -(-n // cfg.bn),)  # not triton.cdiv: a jit function, slow to call from Python
-    note(_gemm_kernel[grid](
+    launch = Launch(_gemm_kernel, grid, (
         a2, b, c, bv[0] if bias is not None else c, r2, m, n, k,
         a2.stride(0), a2.stride(1), sbk, sbn, c.stride(0), c.stride(1), bv[1], r2.stride(0), r2.stride(1),
-        float(alpha), p0, p1,
+        float(alpha), p0, p1), dict(
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=code, AFTER=bool(act_after_residual),
         EVEN_K=k % cfg.bk == 0, EVEN_N=n % cfg.bn == 0, **_dot_modes(a.dtype),
         BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages))
-    return c.view(*lead, n)
+    return c.view(*lead, n), launch
 
 
 def conv_geometry(attrs: dict, w_shape: tuple, in_hw: tuple) -> "tuple[tuple[int, ...], ...] | None":
@@ -389,20 +405,34 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
            residual: Optional[torch.Tensor] = None, *, config: TileConfig = CONV_CONFIGS[0],
            **attrs: Any) -> torch.Tensor:
     """Conv / ember.Conv (2-D, group 1) as one implicit-GEMM Triton kernel; output channels_last."""
+    planned = conv_launch(x, w, bias, residual, config=config, **attrs)
+    if planned is None:
+        return _reference("ember.Conv", [x, w, bias, residual], attrs)
+    y, launch = planned
+    if launch is not None:
+        launch()
+    return y
+
+
+def conv_launch(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None, *, config: TileConfig = CONV_CONFIGS[0],
+                **attrs: Any) -> "tuple[torch.Tensor, Optional[Launch]] | None":
+    """(output, the launch that fills it; None when empty), or None when the template does not cover
+    these inputs (the reference function then runs, and raises the error that names what is wrong)."""
     act = activation_code(attrs.get("activation", ""), attrs.get("act_keys"), attrs.get("act_values"))
     try:
         geom = conv_geometry(attrs, tuple(w.shape), tuple(x.shape[2:])) if x.dim() == 4 and w.dim() == 4 else None
     except (ValueError, TypeError, IndexError):
-        geom = None  # the reference function raises the error that names what is wrong
+        geom = None
     cout = w.shape[0]
     bv = _bias_vector(bias, cout)
     if (act is None or geom is None or attrs.get("group", 1) != 1 or x.shape[1] != w.shape[1] or bv is None
             or x.dtype not in _DTYPES or w.dtype != x.dtype or x.numel() > _I32):
-        return _reference("ember.Conv", [x, w, bias, residual], attrs)
+        return None
     (sh, sw), (ph, pw), (dh, dw), (oh, ow) = geom
     nb, cin, h, wd = x.shape
     if residual is not None and tuple(residual.shape) != (nb, cout, oh, ow):
-        return _reference("ember.Conv", [x, w, bias, residual], attrs)
+        return None
     cfg = config
     flat = 2 * cin <= cfg.bk
     if not flat and x.stride(1) != 1:
@@ -410,19 +440,19 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
     y = torch.empty((nb, cout, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     m = nb * oh * ow
     if m == 0 or cout == 0:
-        return y
+        return y, None
     r = residual if residual is not None else y
     code, p0, p1 = act
     grid = (-(-m // cfg.bm) * -(-cout // cfg.bn),)
-    note(_conv_kernel[grid](
+    launch = Launch(_conv_kernel, grid, (
         x, w, y, bv[0] if bias is not None else y, r, m, cout, h, wd, oh, ow,
-        *x.stride(), *w.stride(), *y.stride(), *r.stride(), bv[1], p0, p1,
+        *x.stride(), *w.stride(), *y.stride(), *r.stride(), bv[1], p0, p1), dict(
         CIN=cin, KH=w.shape[2], KW=w.shape[3], SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=code,
         AFTER=bool(attrs.get("act_after_residual", 0)), FLAT_K=flat, EVEN_N=cout % cfg.bn == 0,
         **_dot_modes(x.dtype), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m,
         num_warps=cfg.warps, num_stages=cfg.stages))
-    return y
+    return y, launch
 
 
 # -- tactics: applicability and weight preparation ----------------------------------------------------
@@ -521,14 +551,30 @@ def _conv_run(cfg: TileConfig) -> Callable[[list, dict, Any], torch.Tensor]:
     return run
 
 
+# -- planning and registration ----------------------------------------------------------------------
+def launch_of(tactic_name: str, args: list, attrs: dict) -> Optional[Launch]:
+    """The launch ``tactic_name`` makes on ``args`` (prepared weights), without running it; None for
+    tactics that are not templates or inputs a template hands to the reference."""
+    spec = TEMPLATES.get(tactic_name)
+    if spec is None:
+        return None
+    kind, cfg = spec
+    clean = {k: v for k, v in attrs.items() if not k.startswith("_")}
+    planned = (gemm_launch if kind == "gemm" else conv_launch)(*args[:4], config=cfg, **clean)
+    return None if planned is None else planned[1]
+
+
 def _register() -> None:
     from . import tactic
 
     for cfg in GEMM_CONFIGS:
-        tactic(f"triton.gemm[{cfg}]", ("ember.Gemm",), gemm_applies, prepare=prepare_gemm_weight)(_gemm_run(cfg))
+        name = f"triton.gemm[{cfg}]"
+        TEMPLATES[name] = ("gemm", cfg)
+        tactic(name, ("ember.Gemm",), gemm_applies, prepare=prepare_gemm_weight)(_gemm_run(cfg))
     for cfg in CONV_CONFIGS:
-        tactic(f"triton.conv_nhwc[{cfg}]", ("Conv", "ember.Conv"), conv_applies,
-               prepare=prepare_conv_weight)(_conv_run(cfg))
+        name = f"triton.conv_nhwc[{cfg}]"
+        TEMPLATES[name] = ("conv", cfg)
+        tactic(name, ("Conv", "ember.Conv"), conv_applies, prepare=prepare_conv_weight)(_conv_run(cfg))
 
 
 if triton is not None:
