@@ -96,14 +96,14 @@ def vad_model() -> onnx.ModelProto:
     return m
 
 
-def _check(m: onnx.ModelProto, eng, feeds: dict, tmp_path) -> None:
+def _check(m: onnx.ModelProto, eng, feeds: dict, tmp_path, device: str = "cpu", tol: float = 1e-5) -> None:
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     path = tmp_path / "vad.engine"
     eng.save(str(path))
-    for e in (eng, ember.Engine.load(str(path), device="cpu")):
+    for e in (eng, ember.Engine.load(str(path), device=device)):
         got = e.run(feeds)
         for o, w in zip(e.outputs, want):
-            np.testing.assert_allclose(np.asarray(got[o.name]), w, rtol=1e-5, atol=1e-5, err_msg=o.name)
+            np.testing.assert_allclose(np.asarray(got[o.name]), w, rtol=tol, atol=tol, err_msg=o.name)
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
@@ -130,3 +130,20 @@ def test_shape_switched_model_with_dynamic_shapes(vad_model, tmp_path):
         feeds = {"x": rng.standard_normal((batch, samples)).astype(np.float32),
                  "state": rng.standard_normal((2, batch, 16)).astype(np.float32)}
         _check(vad_model, eng, feeds, tmp_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_shape_switched_model_on_cuda(vad_model, tmp_path, static):
+    # the inlined branch's Conv+BN+ReLU and the LSTM run on the GPU's tactics; a dynamic build keeps
+    # both Ifs, whose bodies run their ops' reference implementations on the device
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((2, 64)).astype(np.float32),
+             "state": rng.standard_normal((2, 2, 16)).astype(np.float32)}
+    if static:
+        eng = ember.build(vad_model, device="cuda", opt_level=3, shapes={k: v.shape for k, v in feeds.items()})
+    else:
+        profile = {"x": ((1, 32), (2, 64), (4, 64)), "state": ((2, 1, 16), (2, 2, 16), (2, 4, 16))}
+        eng = ember.build(vad_model, device="cuda", opt_level=3, profiles=[profile])
+    assert ("If" in [n.op for n in eng.graph.nodes]) != static
+    _check(vad_model, eng, feeds, tmp_path, device="cuda", tol=1e-4)
