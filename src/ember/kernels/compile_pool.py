@@ -133,6 +133,7 @@ class CompilePool:
         self._threads: list[threading.Thread] = []
         self.submitted = 0
         self.closed = False
+        self._live = 0  # serving threads whose worker still answers
 
     def _start(self) -> None:
         env = dict(os.environ)
@@ -146,6 +147,7 @@ class CompilePool:
             t.start()
             self._procs.append(p)
             self._threads.append(t)
+            self._live += 1
 
     def submit(self, spec: CompileSpec, cache_dir: Optional[str] = None) -> Future:
         cache_dir = cache_dir or triton_cache_dir()
@@ -178,6 +180,7 @@ class CompilePool:
             except (OSError, EOFError, pickle.UnpicklingError, struct.error) as e:
                 fut.set_exception(RuntimeError(f"compile worker {p.pid} stopped ({type(e).__name__}); "
                                                "the kernel will be compiled in the builder's process"))
+                self._worker_gone()
                 break  # this worker is gone; the others keep serving the queue
             if ok:
                 fut.set_result(value)
@@ -188,6 +191,21 @@ class CompilePool:
                 p.stdin.close()
         except OSError:
             pass
+
+    def _worker_gone(self) -> None:
+        """When the last worker is gone, nothing would ever answer the queued jobs: fail them."""
+        with self._lock:
+            self._live -= 1
+            if self._live > 0:
+                return
+            self.closed = True  # later submits raise; the builder compiles in its own process
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(RuntimeError("no compile worker is left"))
 
     def close(self) -> None:
         with self._lock:
