@@ -20,10 +20,11 @@ from ..ir.verify import verify
 from ..kernels import kernel_store
 from ..ops import known_ops
 from ..ops.infer import infer_shapes
-from ..passes.rewrite import remove_unused_initializers
 from ..runtime.engine import Engine, host_info, resolve_device
 from .memory import check_workspace, plan_memory, plan_specialization
-from .precision import convert_precision
+from .fidelity import DEFAULT_BUDGET, parse_budget
+from .mixed_precision import build_low_precision
+from .precision import KeptLayer
 from .profiles import bind_static_shapes, check_profiles, opt_feeds, profile_feeds, tuning_profiles
 from .tuner import TimingCache, default_cache_path, select_tactics
 
@@ -45,7 +46,11 @@ class BuilderConfig:
     builder_level: int = 2  # 0: no timing ... 5: most repetitions
     workspace: Optional[float] = None  # MiB of activation memory the engine may plan for (None: no limit)
     timing_cache: Optional[str] = "default"  # path, "default" (~/.cache/ember), or None
+    # called with builder.progress.Progress values (strings that also carry stage, done and total)
     progress: Optional[Callable[[str], None]] = None
+    # fp16/bf16: the relative L2 distance from fp32 the engine's outputs may have on the tuning
+    # inputs; layers that drift are kept fp32 until it holds. None, "none" or "off": no check
+    fidelity_budget: "float | str | None" = DEFAULT_BUDGET
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,17 +120,26 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         if not any(p != "group_fusions" for p in more):
             break
     tuning = tuning_profiles(graph, profiles)  # every input's shapes to tune at (chosen, with a warning, if not given)
-    kept_fp32: list[str] = []
-    if config.precision in ("fp16", "bf16"):
-        kept_fp32 = convert_precision(graph, DType.FLOAT16 if config.precision == "fp16" else DType.BFLOAT16)
-        remove_unused_initializers(graph)  # the fp32 originals of converted weights: not stored twice
-    if config.debug or config.precision in ("fp16", "bf16"):
-        verify(graph, known_ops())
-    tune = None
+    low = {"fp16": DType.FLOAT16, "bf16": DType.BFLOAT16}.get(config.precision)
+    budget = parse_budget(config.fidelity_budget)  # checked in every build: a typo is an error, not a default
+    cache = None
     if device.type == "cuda":
         cache = TimingCache.open(default_cache_path() if config.timing_cache == "default" else config.timing_cache)
-        tune = select_tactics(graph, device, opt_feeds(graph, tuning, device), config.builder_level, cache,
-                              config.progress)
+    tune = None
+    kept_fp32: list[KeptLayer] = []
+    fidelity = None
+    if low is not None:
+        lowered = build_low_precision(graph, low, device, opt_feeds(graph, tuning, device), opt_level=config.opt_level,
+                                      builder_level=config.builder_level, cache=cache, budget=budget,
+                                      progress=config.progress, debug=config.debug)
+        graph, kept_fp32, tune, fidelity = lowered.graph, lowered.kept, lowered.tune, lowered.fidelity
+        verify(graph, known_ops())
+    elif config.debug:
+        verify(graph, known_ops())
+    if cache is not None:
+        if low is None:
+            tune = select_tactics(graph, device, opt_feeds(graph, tuning, device), config.builder_level, cache,
+                                  config.progress, allow_tf32=config.precision == "tf32")
         cache.save()
     memory = plan_memory(graph, plan_specialization(graph, opt_feeds(graph, tuning, torch.device("cpu"))))
     check_workspace(memory, config.workspace)
@@ -152,12 +166,14 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
                             for n in graph.nodes if n.op == "ember.Gemm" and n.attrs.get("activation") == "Gelu"
                             and n.meta.get("tactic") == "cublaslt.linear"]
                            if config.precision in ("fp16", "bf16") else []),
-        "fp32_layers": kept_fp32,
+        "fp32_layers": [str(k) for k in kept_fp32],
         "nodes_in": nodes_in,
         "nodes_out": count_kernels(graph),  # a fusion group counts once
     }
     if config.precision == "tf32":
         manifest["allow_tf32"] = True
+    if fidelity is not None:
+        manifest["fidelity"] = fidelity  # the fp16/bf16 check: budget, output drift before and after
     engine = Engine(graph, manifest, device=device)
     if device.type == "cuda":
         # runs at each profile's min, opt and max shapes: they compile what first inferences would

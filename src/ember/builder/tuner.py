@@ -5,25 +5,30 @@ capability, library versions and the node's signature, so a second build skips t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import statistics
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ..ir.graph import Graph, Node
+from ..ir.graph import Graph, Node, Value
 from ..kernels import bind_tactic, candidates
+from ..kernels.template_choice import KEEP_BY_LEVEL, TEMPLATES, shortlist
 from ..ops import OpContext
+from .progress import ProgressFn, report as send_progress
 
 log = logging.getLogger(__name__)
 
 # builder level -> timed repetitions per candidate (0: no timing, first vendor tactic wins)
 TIMING_METHOD = "graph-replay"
+COMPILE_WAIT = 600.0  # seconds to wait for a worker's compile before compiling in this process
 REPS = {0: 0, 1: 3, 2: 10, 3: 25, 4: 50, 5: 100}
 
 
@@ -156,105 +161,213 @@ class TuneReport:
     # node name -> {tactic: median ms}, for the nodes timed in this build (not the cached ones)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # "node (op): tactic: error", never silent
+    pruned: int = 0  # template configurations not compiled nor timed: they cannot win on the layer's shape
+    compiled: int = 0  # kernels compiled ahead of time by the worker processes
+    compile_seconds: float = 0.0  # their compile time, summed over workers
+    # low-precision builds: node -> (ms as built, ms of the same node computed in fp32), and
+    # value -> ms of one cast between fp32 and the low type; what choose_fp32_for_speed weighs
+    node_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
+    cast_ms: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def tf32_mode(allow: bool) -> Iterator[None]:
+    """Tune with the math the engine will use: fp32 engines run without TF32 (the runtime turns it
+    off), but torch's cuDNN default is on, which made fp32 tactics look faster while tuning than
+    they run (the widened fp32 reference of a half-precision conv among them)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Tensor], level: int,
-                   cache: TimingCache, progress: Optional[Callable[[str], None]] = None) -> TuneReport:
+                   cache: TimingCache, progress: ProgressFn = None, *, allow_tf32: bool = False,
+                   low: Optional[torch.dtype] = None) -> TuneReport:
     """Pick a tactic for every node that has more than the reference. ``feeds``: inputs at opt shapes.
 
     One run of the graph, in order: each node is timed on the inputs its producers' *chosen*
     tactics made, then runs with its own winner, so every candidate is timed on the layouts it
     will see in the engine (a cuDNN channels-last conv after another one gets an NHWC input, not
     the reference's NCHW one, whose conversion it would otherwise be charged for).
+
+    Before it, a planning run sends the compile of every template configuration that will be timed
+    to worker processes (kernels/compile_pool.py), so compiling runs on every core while the
+    timing run waits only for the kernels of the node at hand. Template configurations that cannot
+    win on a layer's shape are neither compiled nor timed (kernels/template_choice.py).
+
+    ``low``: the build's reduced precision (torch.float16/bfloat16), or None. Then every node
+    computed in it is also timed as it would run in fp32, and every value's cast, for
+    precision.choose_fp32_for_speed: a layer whose fp16 kernel loses to fp32 (a reference that
+    widens to fp32 internally, say) is kept fp32 when that is faster casts included.
     """
     from ..runtime.interpreter import Interpreter
 
     report = TuneReport()
     tunable = {n.name: n for n in graph.nodes if candidates(n, device)}
-    if not tunable:
+    if not tunable and low is None:
         return report
-    interp = Interpreter(graph, device)
     reps = REPS.get(level, 10)
-    state = {"warmed": device.type != "cuda", "done": 0}
+    keep = KEEP_BY_LEVEL.get(level, 3)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    with tf32_mode(allow_tf32), torch.inference_mode():
+        interp = Interpreter(graph, device)
+        for n in tunable.values():
+            n.meta.pop("tactic", None)
+        compiles: dict[str, list[Future]] = {}
+        if reps and device.type == "cuda":
+            from .compile_plan import plan_compiles
 
-    def choose(node: Node, args: list) -> None:
-        name = node.name
-        cands = candidates(node, device)
-        key = cache.key(device, node_signature(node, args))
-        hit = cache.entries.get(key)
-        state["done"] += 1
-        names = {c.name for c in cands} | {"reference"}
-        if hit is not None and isinstance(hit.get("ms"), dict):  # choose again: the rule may have changed
-            timed = {k: v for k, v in hit["ms"].items() if k in names}
-            # a candidate this entry never saw (a tactic added since) means timing again
-            fresh = names - set(hit["ms"]) - set(hit.get("failed", []))
-            hit = {"tactic": pick(timed)} if timed and not fresh else None
-        if hit is not None and hit.get("tactic") in names:
-            node.meta["tactic"] = hit["tactic"]
+            compiles = plan_compiles(device, interp, feeds, tunable, cache, keep, sms, report)
+        tuner = _Tuner(graph, device, interp, tunable, cache, reps, keep, sms, report, progress, compiles, low)
+        interp.on_step = tuner.on_step
+        try:
+            outputs = interp.run(feeds)
+        finally:
+            interp.on_step = None
+        if tuner.precision is not None:
+            tuner.precision.time_output_casts(outputs)
+    # nodes not reached at these shapes (e.g. inside a branch) keep the reference
+    return report
+
+
+def _cached_choice(cache: TimingCache, key: str, names: set[str]) -> Optional[str]:
+    """The tactic a timing-cache entry picks among ``names`` (the rule may have changed since it was
+    stored), or None when the entry is missing or never timed one of them (a tactic added since)."""
+    hit = cache.entries.get(key)
+    if hit is None:
+        return None
+    if isinstance(hit.get("ms"), dict):
+        timed = {k: v for k, v in hit["ms"].items() if k in names}
+        fresh = names - set(hit["ms"]) - set(hit.get("failed", []))
+        return pick(timed) if timed and not fresh else None
+    return hit.get("tactic") if hit.get("tactic") in names else None
+
+
+def _bound_args(node: Node, name: str, device: torch.device, interp: Any, args: list) -> "tuple[Any, list] | None":
+    """Bind tactic ``name`` to ``node`` (its weights prepared into a copy of the interpreter's
+    constants) and the arguments it runs on, or None if it cannot bind."""
+    node.meta["tactic"] = name
+    consts = dict(interp.consts)
+    bound = bind_tactic(node, device, consts)
+    if bound is None:
+        return None
+    return bound, [consts[bound.remap[j]] if j in bound.remap else a for j, a in enumerate(args)]
+
+
+def report_progress(progress: ProgressFn, stage: str, done: int, total: int, item: str = "") -> None:
+    try:
+        send_progress(progress, stage, done, total, item)
+    except Exception:  # a broken progress display must not fail the build
+        log.debug("progress callback failed", exc_info=True)
+
+
+class _Tuner:
+    """The timing run's per-step hook: choose each tunable node's tactic, and in low-precision
+    builds time what computing a node in fp32 would cost."""
+
+    def __init__(self, graph: Graph, device: torch.device, interp: Any, tunable: dict[str, Node],
+                 cache: TimingCache, reps: int, keep: int, sms: int, report: TuneReport, progress: ProgressFn,
+                 compiles: dict[str, list[Future]], low: Optional[torch.dtype]):
+        self.graph, self.device, self.interp, self.tunable, self.cache = graph, device, interp, tunable, cache
+        self.reps, self.keep, self.sms, self.report, self.progress = reps, keep, sms, report, progress
+        self.compiles = compiles
+        self.waited: set[int] = set()  # compile futures already counted
+        self.warmed = device.type != "cuda"
+        self.done = 0
+        self.precision = None
+        if low is not None:
+            from .precision_timing import PrecisionTimer
+
+            self.precision = PrecisionTimer(self, low)
+
+    def on_step(self, step: Any, args: list) -> None:
+        node = step.node
+        if self.precision is not None:
+            self.precision.time_casts(step, args)
+        # a fused step's arguments are its group's inputs, not the sink node's: nodes of a fused
+        # group run inside the generated kernel, so there is no tactic of theirs to time
+        if step.kernel is not None:
+            return
+        if node.name in self.tunable and "tactic" not in node.meta:
+            ms = self.choose(node, args)
+            self.report.choices[node.meta["tactic"]] = self.report.choices.get(node.meta["tactic"], 0) + 1
+            b = bind_tactic(node, self.device, self.interp.consts)  # this step now runs with its winner
+            if b is not None:
+                self.interp.bound[node.name] = b
+            else:
+                self.interp.bound.pop(node.name, None)
+        else:
+            ms = None
+        if self.precision is not None and self.reps:
+            self.precision.time_in_fp32(node, args, ms)
+
+    def choose(self, node: Node, args: list) -> Optional[float]:
+        """Pick ``node``'s tactic; returns the winner's ms when known (timed now or cached)."""
+        name, device, report = node.name, self.device, self.report
+        names = shortlist([c.name for c in candidates(node, device)], args, node.attrs, self.keep, self.sms)
+        report.pruned += sum(1 for c in candidates(node, device) if c.name not in names)
+        key = self.cache.key(device, node_signature(node, args))
+        self.done += 1
+        cached = _cached_choice(self.cache, key, set(names) | {"reference"})
+        if cached is not None:
+            node.meta["tactic"] = cached
             report.cached += 1
-            cache.hits += 1
-            return
-        if reps == 0:
-            node.meta["tactic"] = cands[0].name
-            return
-        if progress:
-            progress(f"tuning {state['done']}/{len(tunable)} {node.op} {name}")
-        if not state["warmed"]:
+            self.cache.hits += 1
+            return (self.cache.entries[key].get("ms") or {}).get(cached)
+        if self.reps == 0:
+            node.meta["tactic"] = names[0] if names else "reference"
+            return None
+        if self.compiles:
+            jobs = {id(f): f for fs in self.compiles.values() for f in fs}
+            report_progress(self.progress, "compile", sum(f.done() for f in jobs.values()), len(jobs))
+        report_progress(self.progress, "tune", self.done, len(self.tunable), f"{node.op} {name}")
+        if not self.warmed:
             _warm_gpu(device)
-            state["warmed"] = True
-        results: dict[str, float] = {}
-        failed: list[str] = []
-        ctx = OpContext(num_outputs=len(node.outputs), node_name=name)
+            self.warmed = True
+        for fut in self.compiles.get(name, []):  # this node's kernels, compiled by the workers
+            try:
+                seconds = fut.result(timeout=COMPILE_WAIT)
+                if id(fut) not in self.waited:
+                    self.waited.add(id(fut))
+                    report.compile_seconds += seconds
+            except Exception as e:  # compiled (or failed, and said so) below, in this process
+                log.info("ahead-of-time compile for %s failed: %s", name, e)
+        results, failed = self.time_candidates(node, args, names)
+        best = pick(results)
+        report.timings[name] = {k: round(v, 5) for k, v in results.items()}
+        node.meta["tactic"] = best
+        self.cache.entries[key] = {"tactic": best, "ms": results, "failed": failed}
+        self.cache.misses += 1
+        report.timed += 1
+        return results.get(best)
+
+    def time_candidates(self, node: Node, args: list, names: list[str]) -> tuple[dict[str, float], list[str]]:
+        """Median ms of the reference and of each tactic in ``names`` that matches it; the failed ones."""
+        ctx = OpContext(num_outputs=len(node.outputs), node_name=node.name, memo={})
         want = interp_call_reference(node, args, ctx)
-        results["reference"] = _time(lambda: interp_call_reference(node, args, ctx), reps, device)
-        for c in cands:
-            node.meta["tactic"] = c.name
-            consts = dict(interp.consts)
-            bound = bind_tactic(node, device, consts)
-            if bound is None:
-                failed.append(c.name)
+        results = {"reference": _time(lambda: interp_call_reference(node, args, ctx), self.reps, self.device)}
+        failed: list[str] = []
+        for cname in names:
+            b = _bound_args(node, cname, self.device, self.interp, args)
+            if b is None:
+                failed.append(cname)
                 continue
-            bargs = [consts[bound.remap[j]] if j in bound.remap else a for j, a in enumerate(args)]
+            bound, bargs = b
             try:
                 # a candidate must compute the node's function before its speed counts
                 err = _mismatch(bound.run(bargs, bound.attrs, ctx), want, len(node.outputs))
                 if err:
                     raise ValueError(f"output differs from the reference: {err}")
-                results[c.name] = _time(lambda: bound.run(bargs, bound.attrs, ctx), reps, device)
+                results[cname] = _time(lambda: bound.run(bargs, bound.attrs, ctx), self.reps, self.device)
             except Exception as e:  # not chosen, and said in the build report
                 msg = " ".join(str(e).split())[:300]
-                report.failures.append(f"{name} ({node.op}): {c.name}: {type(e).__name__}: {msg}")
-                failed.append(c.name)
-                log.warning("tactic %s failed on node %s: %s", c.name, name, msg)
-        best = pick(results)
-        report.timings[name] = {k: round(v, 5) for k, v in results.items()}
-        node.meta["tactic"] = best
-        cache.entries[key] = {"tactic": best, "ms": results, "failed": failed}
-        cache.misses += 1
-        report.timed += 1
-
-    def on_step(step: Any, args: list) -> None:
-        # a fused step's arguments are its group's inputs, not the sink node's: nodes of a fused
-        # group run inside the generated kernel, so there is no tactic of theirs to time
-        node = step.node
-        if step.kernel is not None or node.name not in tunable or "tactic" in node.meta:
-            return
-        choose(node, args)
-        report.choices[node.meta["tactic"]] = report.choices.get(node.meta["tactic"], 0) + 1
-        bound = bind_tactic(node, device, interp.consts)  # this step now runs with its winner
-        if bound is not None:
-            interp.bound[node.name] = bound
-        else:
-            interp.bound.pop(node.name, None)
-
-    for n in tunable.values():
-        n.meta.pop("tactic", None)
-    interp.on_step = on_step
-    with torch.inference_mode():
-        interp.run(feeds)
-    # nodes not reached at these shapes (e.g. inside a branch) keep the reference
-    return report
-
+                self.report.failures.append(f"{node.name} ({node.op}): {cname}: {type(e).__name__}: {msg}")
+                failed.append(cname)
+                log.warning("tactic %s failed on node %s: %s", cname, node.name, msg)
+        return results, failed
 
 # the reference (the op's torch function: several kernels, halves widened to fp32) must beat the best
 # tactic by this factor: timed alone it can look as fast, but in the graph its extra kernels and
