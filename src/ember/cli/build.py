@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import click
 
@@ -49,12 +50,16 @@ def _profiles(mins: tuple[str, ...], opts: tuple[str, ...], maxs: tuple[str, ...
 @click.option("--sign-key", type=click.Path(dir_okay=False), metavar="KEYFILE",
               help="Sign the engine (HMAC-SHA256 of its digest) with the key in KEYFILE; loads then need the key "
                    "(--verify-key).")
+@click.option("--fidelity-budget", default="1e-2", show_default=True, metavar="X|none",
+              help="fp16/bf16: the relative L2 distance from fp32 the engine's outputs may have on the tuning "
+                   "inputs; layers that drift more are kept fp32. 'none' skips the check.")
 @click.option("--debug", is_flag=True, help="Verify the graph after every optimization pass.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the optimized graph.")
 def build_cmd(model: str, output: "str | None", device: str, precision: str, shapes: tuple[str, ...],
               min_shapes: tuple[str, ...], opt_shapes: tuple[str, ...], max_shapes: tuple[str, ...],
               opt_level: int, builder_level: int, timing_cache: str, workspace: "float | None",
-              rebuild_from: "str | None", debug: bool, verbose: bool, sign_key: "str | None") -> None:
+              rebuild_from: "str | None", debug: bool, verbose: bool, sign_key: "str | None",
+              fidelity_budget: str) -> None:
     """Build an engine from an ONNX MODEL."""
     import ember
 
@@ -70,13 +75,12 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
 
     key = load_key(sign_key) if sign_key else None  # a bad key file fails before the build, not after it
     t0 = time.perf_counter()
-    with console.status("building…") as status:
+    with BuildProgress(console) as progress:
         engine = ember.build(
             model, device=device, opt_level=opt_level, debug=debug, precision=precision,
             shapes=parse_shapes(shapes), profiles=_profiles(min_shapes, opt_shapes, max_shapes),
             builder_level=builder_level, timing_cache=None if timing_cache == "none" else timing_cache,
-            workspace=workspace,
-            progress=lambda msg: status.update(msg))
+            workspace=workspace, fidelity_budget=fidelity_budget, progress=progress)
     out = output or os.path.splitext(model)[0] + ".engine"
     size = engine.save(out, sign_key=key)
     dt = time.perf_counter() - t0
@@ -99,9 +103,7 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
         console.print(f"  [yellow]{len(m['tactic_failures'])} tactic(s) failed while timing and were not chosen:[/]")
         for f in m["tactic_failures"][:8]:
             console.print("    " + f, markup=False)
-    if m.get("fp32_layers"):
-        console.print(f"  kept in fp32 for accuracy: {len(m['fp32_layers'])} layer(s): "
-                      + ", ".join(m["fp32_layers"][:8]) + (" …" if len(m["fp32_layers"]) > 8 else ""), markup=False)
+    _print_precision(console, m)
     for i, p in enumerate(m.get("profiles", [])):
         console.print(f"  profile {i}: " + ", ".join(f"{n} {lo}..{hi} (opt {o})" for n, (lo, o, hi) in p.items()),
                       markup=False)
@@ -109,3 +111,63 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
         console.print(f"  input   {s}", markup=False, highlight=False)
     for s in engine.outputs:
         console.print(f"  output  {s}", markup=False, highlight=False)
+
+
+class BuildProgress:
+    """A bar per build stage (compiling kernels, tuning, fidelity) naming what is worked on, under a
+    line for the rest. Receives builder.progress.Progress values (plain strings also work)."""
+
+    LABELS = {"compile": "compiling kernels", "tune": "tuning", "fidelity": "fp16/bf16 fidelity"}
+
+    def __init__(self, console: Any):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=console, transient=True)
+        self.status = self.bars.add_task("building…", total=None)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "BuildProgress":
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bars.stop()
+
+    def __call__(self, msg: str) -> None:
+        stage, total = getattr(msg, "stage", None), getattr(msg, "total", 0)
+        if stage is None or not total:
+            self.bars.update(self.status, description=str(msg))
+            return
+        label = self.LABELS.get(stage, stage)
+        task = self.tasks.get(stage)
+        if task is None:
+            task = self.tasks[stage] = self.bars.add_task(label, total=total)
+        item = getattr(msg, "item", "")
+        self.bars.update(task, completed=getattr(msg, "done", 0), total=total,
+                         description=f"{label} {item}" if item else label)
+
+
+def _print_precision(console: Any, m: dict) -> None:
+    """The layers a reduced-precision engine computes in fp32, by reason, and the fidelity check."""
+    layers = m.get("fp32_layers") or []
+    fid = m.get("fidelity")
+    if fid:
+        def worst(d: dict) -> float:
+            return max((v if isinstance(v, (int, float)) else float("inf") for v in d.values()), default=0.0)
+
+        verdict = "within" if fid.get("within_budget") else "NOT within"
+        console.print(f"  {m.get('precision')} fidelity: output drift from fp32 {worst(fid['drift_before']):.1e} as "
+                      f"converted -> {worst(fid['drift']):.1e} as built, {verdict} the budget {fid['budget']:.0e} "
+                      f"({fid.get('layers_kept', 0)} layer(s) kept fp32; {fid.get('search_runs', 0)} search runs, "
+                      f"{fid.get('seconds', 0):.1f} s)", markup=False)
+    by_reason: dict[str, list[str]] = {}
+    for entry in layers:
+        reason = entry.split("): ", 1)[1].split(",", 1)[0] if "): " in entry else "op"
+        by_reason.setdefault(reason, []).append(entry)
+    for reason, entries in sorted(by_reason.items()):
+        console.print(f"  kept in fp32 ({reason}): {len(entries)} layer(s)", markup=False)
+        for e in entries[:8 if reason in ("accuracy", "speed") else 0]:
+            console.print("    " + e, markup=False)
+        if reason in ("accuracy", "speed") and len(entries) > 8:
+            console.print(f"    … and {len(entries) - 8} more (the manifest's fp32_layers lists all)", markup=False)
