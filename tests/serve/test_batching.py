@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from ember.serve.batcher import BatchPolicy, DynamicBatcher
+from ember.serve.batcher import BatchPolicy, DynamicBatcher, FunctionRunner
 from ember.serve.config import QueuePolicy
 from ember.serve.engine import EngineAdapter
 from ember.serve.errors import BadRequestError, InferenceFailedError, QueueFullError, RequestTimeoutError
@@ -72,12 +72,12 @@ def _batcher(adapter, counter=None, **kw) -> DynamicBatcher:
                          default_priority=levels, queue_policies={lvl: qp for lvl in range(1, levels + 1)},
                          preferred_batch_sizes=kw.pop("preferred", ()))
 
-    def run(i, feed):
+    def run(feed):
         if counter is not None:
             counter.append(feed["x"].shape[0])
         return adapter.run(feed)
 
-    return DynamicBatcher("test", run, kw.pop("instances", 1), policy)
+    return DynamicBatcher("test", [FunctionRunner(run) for _ in range(kw.pop("instances", 1))], policy)
 
 
 def _x(v: float, rows: int = 1) -> dict:
@@ -137,8 +137,8 @@ def test_timeouts_reject_or_delay(adapter):
     async def main():
         b = _batcher(adapter, dynamic=False, queue=QueuePolicy(max_queue_size=16))
         gate = threading.Event()
-        slow_run = b._run_fn
-        b._run_fn = lambda i, feed: (gate.wait(5), slow_run(i, feed))[1]
+        slow_run = b.runners[0].fn
+        b.runners[0].fn = lambda feed: (gate.wait(5), slow_run(feed))[1]
         b.start()
         first = b.submit(_x(0), 1)  # occupies the only instance until the gate opens
         await asyncio.sleep(0.05)
@@ -152,7 +152,7 @@ def test_timeouts_reject_or_delay(adapter):
 
         gate.clear()
         d = _batcher(adapter, dynamic=False, queue=QueuePolicy(max_queue_size=16, timeout_action="DELAY"))
-        d._run_fn = lambda i, feed: (gate.wait(5), slow_run(i, feed))[1]
+        d.runners[0].fn = lambda feed: (gate.wait(5), slow_run(feed))[1]
         d.start()
         f0 = d.submit(_x(0), 1)
         await asyncio.sleep(0.05)
@@ -175,14 +175,14 @@ def test_priority_levels_run_high_priority_first(adapter):
         order: list[float] = []
         b = _batcher(adapter, dynamic=False, priority_levels=2)
         gate = threading.Event()
-        base = b._run_fn
+        base = b.runners[0].fn
 
-        def run(i, feed):
+        def run(feed):
             gate.wait(5)
             order.append(float(feed["x"][0, 0]))
-            return base(i, feed)
+            return base(feed)
 
-        b._run_fn = run
+        b.runners[0].fn = run
         b.start()
         blocker = b.submit(_x(0), 1)
         await asyncio.sleep(0.05)
@@ -201,14 +201,14 @@ def test_priority_levels_run_high_priority_first(adapter):
 def test_a_failing_request_does_not_fail_its_batch_mates(adapter):
     async def main():
         b = _batcher(adapter, delay_ms=50)
-        base = b._run_fn
+        base = b.runners[0].fn
 
-        def run(i, feed):
+        def run(feed):
             if np.any(feed["x"] < 0):
                 raise RuntimeError("negative input poisons the engine")
-            return base(i, feed)
+            return base(feed)
 
-        b._run_fn = run
+        b.runners[0].fn = run
         b.start()
         good = [b.submit(_x(i), 1) for i in range(3)]
         bad = b.submit(_x(-1), 1)

@@ -1,13 +1,16 @@
 """Dynamic batcher: one per model version.
 
-Requests wait in bounded per-priority queues. When a model instance is free, the scheduler
-forms a batch from the head of the highest-priority queue plus every later request with the
-same non-batch shapes, up to max_batch_size. It dispatches at once when the batch is full, has
-a preferred size, cannot grow, or the oldest request has waited max_queue_delay; otherwise it
-waits for more. The engine runs on the instance's own worker thread; outputs are split back
-per request along the batch dimension.
+Requests wait in bounded per-priority queues. When a model instance can take a batch, the
+scheduler forms one from the head of the highest-priority queue plus every later request with
+the same non-batch shapes, up to max_batch_size. It dispatches at once when the batch is full,
+has a preferred size, cannot grow, or the oldest request has waited max_queue_delay; otherwise it
+waits for more. Outputs go back per request along the batch dimension.
 
-Everything here runs on the event loop except `_run_batch`, which runs on an instance thread.
+An instance is a `BatchRunner`: `launch` gathers a batch and starts it, `finish` waits for it and
+splits its outputs per request. A runner of depth 2 (an engine instance on the GPU path,
+instance.py) has two batches in flight: its launch thread gathers batch k+1 into pinned memory
+while its finish thread waits for batch k, so CPU work overlaps the GPU. A runner of depth 1
+launches and finishes on one thread. Everything else here runs on the event loop.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -27,8 +30,72 @@ from .errors import (BadRequestError, InferenceFailedError, ModelNotReadyError, 
 
 log = logging.getLogger("ember.serve")
 
-RunFn = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]  # (instance, inputs) -> outputs
 BatchObserver = Callable[[int, int, int, int], None]  # (batch items, input ns, infer ns, output ns)
+# per-request outputs (in batch order), gather ns, run ns, split ns
+BatchOutputs = tuple[list[dict[str, np.ndarray]], int, int, int]
+
+
+class BatchRunner(Protocol):
+    """One model instance, as the batcher drives it."""
+
+    depth: int  # batches in flight at once: 1, or 2 (launch of the next overlaps finish of this one)
+
+    def open(self) -> None:
+        """Called once on the instance's launch thread before any batch (make per-thread state)."""
+
+    def launch(self, feeds: list[dict[str, np.ndarray]], items: list[int]) -> Any:
+        """Gather the requests' inputs (in order; ``items`` rows each) and start the run."""
+
+    def finish(self, launched: Any) -> BatchOutputs:
+        """Wait for a launched run; its outputs per request."""
+
+
+def split_rows(label: str, outputs: dict[str, np.ndarray], items: list[int],
+               cut: Callable[[np.ndarray, int, int], np.ndarray] = lambda a, off, n: a[off:off + n]
+               ) -> list[dict[str, np.ndarray]]:
+    """A batch's outputs back per request, ``cut(array, offset, rows)`` each (views by default)."""
+    if len(items) == 1:
+        return [{k: cut(v, 0, v.shape[0] if v.ndim else 0) for k, v in outputs.items()}]
+    total = sum(items)
+    for k, v in outputs.items():
+        if v.ndim == 0 or v.shape[0] != total:
+            raise InferenceFailedError(
+                f"model {label}: output '{k}' has shape {list(v.shape)} for a batch of {total}; "
+                "a batched model must keep the batch as the first dim of every output")
+    per, off = [], 0
+    for n in items:
+        per.append({k: cut(v, off, n) for k, v in outputs.items()})
+        off += n
+    return per
+
+
+class FunctionRunner:
+    """A runner around a function of the whole batch: inputs concatenated along the batch dim, one
+    call, outputs split back as views. Engines on the CPU run this way (instance.py)."""
+
+    depth = 1
+
+    def __init__(self, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], label: str = "model"):
+        self.fn = fn
+        self.label = label
+
+    def open(self) -> None:
+        pass
+
+    def launch(self, feeds: list[dict[str, np.ndarray]], items: list[int]) -> BatchOutputs:
+        t0 = time.perf_counter_ns()
+        if len(feeds) == 1:
+            feed = feeds[0]
+        else:
+            feed = {k: np.concatenate([f[k] for f in feeds], axis=0) for k in feeds[0]}
+        t1 = time.perf_counter_ns()
+        out = self.fn(feed)
+        t2 = time.perf_counter_ns()
+        per = split_rows(self.label, out, items)
+        return per, t1 - t0, t2 - t1, time.perf_counter_ns() - t2
+
+    def finish(self, launched: BatchOutputs) -> BatchOutputs:
+        return launched
 
 
 @dataclass
@@ -70,20 +137,19 @@ class _Pending:
 
 
 class DynamicBatcher:
-    def __init__(self, label: str, run_fn: RunFn, instance_count: int, policy: BatchPolicy,
+    def __init__(self, label: str, runners: Sequence[BatchRunner], policy: BatchPolicy,
                  on_batch: BatchObserver | None = None):
         self.label = label
         self.policy = policy
-        self._run_fn = run_fn
+        self.runners = list(runners)
         self._on_batch = on_batch
         self._levels: list[deque[_Pending]] = [deque() for _ in range(policy.priority_levels)]
         self._level_count = [0] * (policy.priority_levels + 1)
         self._delayed: deque[_Pending] = deque()  # timed-out requests of DELAY policies run last
-        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"ember-{label}-{i}")
-                           for i in range(instance_count)]
-        self._idle: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(instance_count):
-            self._idle.put_nowait(i)
+        self._launchers = [ThreadPoolExecutor(1, thread_name_prefix=f"ember-{label}-{i}")
+                           for i in range(len(self.runners))]
+        self._finishers: list[ThreadPoolExecutor | None] = [None] * len(self.runners)
+        self._idle: asyncio.Queue[int] = asyncio.Queue()  # a token per batch an instance may take now
         self._wakeup = asyncio.Event()
         self._quiet = asyncio.Event()
         self._quiet.set()
@@ -105,11 +171,30 @@ class DynamicBatcher:
 
     @property
     def instance_count(self) -> int:
-        return len(self._executors)
+        return len(self.runners)
+
+    async def open(self) -> None:
+        """Open every instance on its own launch thread (an engine instance makes its execution
+        context there). Call before start()."""
+        await self.on_each_instance(lambda r: r.open())
+
+    async def on_each_instance(self, fn: Callable[[BatchRunner], Any]) -> list[Any]:
+        """``fn(runner)`` on each instance's launch thread, outside the queue; the results in order."""
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(ex, fn, r)
+                                           for r, ex in zip(self.runners, self._launchers))))
 
     def start(self) -> None:
-        if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.label}")
+        if self._loop_task is not None:
+            return
+        for i, r in enumerate(self.runners):
+            if r.depth > 1 and self._finishers[i] is None:
+                self._finishers[i] = ThreadPoolExecutor(1, thread_name_prefix=f"ember-{self.label}-{i}-wait")
+        for round_ in range(max((r.depth for r in self.runners), default=0)):  # every instance once, then again
+            for i, r in enumerate(self.runners):
+                if r.depth > round_:
+                    self._idle.put_nowait(i)
+        self._loop_task = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.label}")
 
     def submit(self, inputs: dict[str, np.ndarray], items: int, priority: int = 0,
                timeout_us: int | None = None) -> asyncio.Future:
@@ -139,9 +224,11 @@ class DynamicBatcher:
         return p.future
 
     async def run_direct(self, instance: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on one instance outside the queue (warm-up)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executors[instance], self._run_fn, instance, inputs)
+        """Run one request on one instance outside the queue (warm-up)."""
+        first = next(iter(inputs.values()), None)
+        items = int(first.shape[0]) if first is not None and first.ndim else 1
+        per, *_ = await self._run(instance, [inputs], [items])
+        return per[0]
 
     async def drain(self) -> None:
         """Stop taking requests, finish every queued and running one."""
@@ -154,8 +241,9 @@ class DynamicBatcher:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        for ex in self._executors:
-            ex.shutdown(wait=False)
+        for ex in [*self._launchers, *self._finishers]:
+            if ex is not None:
+                ex.shutdown(wait=False)
 
     # ---- scheduling ----------------------------------------------------------------------------------
 
@@ -284,12 +372,20 @@ class DynamicBatcher:
 
     # ---- execution --------------------------------------------------------------------------------------
 
-    async def _execute(self, instance: int, batch: list[_Pending]) -> None:
+    async def _run(self, instance: int, feeds: list[dict[str, np.ndarray]], items: list[int]) -> BatchOutputs:
         loop = asyncio.get_running_loop()
+        runner = self.runners[instance]
+        finisher = self._finishers[instance]
+        if finisher is None:  # depth 1: launch and finish in one go on the instance's thread
+            return await loop.run_in_executor(self._launchers[instance], _launch_and_finish, runner, feeds, items)
+        launched = await loop.run_in_executor(self._launchers[instance], runner.launch, feeds, items)
+        return await loop.run_in_executor(finisher, runner.finish, launched)
+
+    async def _execute(self, instance: int, batch: list[_Pending]) -> None:
         start = time.monotonic_ns()
         try:
             try:
-                results = await loop.run_in_executor(self._executors[instance], self._run_batch, instance, batch)
+                results = await self._run(instance, [p.inputs for p in batch], [p.items for p in batch])
                 self._deliver(batch, results, start)
             except Exception as e:
                 if len(batch) == 1:
@@ -298,8 +394,7 @@ class DynamicBatcher:
                 # one request may have poisoned the batch; run each alone so the others still succeed
                 for p in batch:
                     try:
-                        one = await loop.run_in_executor(self._executors[instance], self._run_batch, instance, [p])
-                        self._deliver([p], one, start)
+                        self._deliver([p], await self._run(instance, [p.inputs], [p.items]), start)
                     except Exception as e1:
                         self._fail(p, e1)
         finally:
@@ -308,7 +403,7 @@ class DynamicBatcher:
             self._maybe_quiet()
             self._wakeup.set()
 
-    def _deliver(self, batch: list[_Pending], results: tuple, start: int) -> None:
+    def _deliver(self, batch: list[_Pending], results: BatchOutputs, start: int) -> None:
         outputs, input_ns, infer_ns, output_ns = results
         items = sum(p.items for p in batch)
         if self._on_batch is not None:
@@ -325,27 +420,6 @@ class DynamicBatcher:
             e = InferenceFailedError(f"model {self.label}: {type(e).__name__}: {e}")
         p.future.set_exception(e)
 
-    def _run_batch(self, instance: int, batch: list[_Pending]) -> tuple:
-        t0 = time.perf_counter_ns()
-        if len(batch) == 1:
-            feed = batch[0].inputs
-        else:
-            feed = {k: np.concatenate([p.inputs[k] for p in batch], axis=0) for k in batch[0].inputs}
-        t1 = time.perf_counter_ns()
-        out = self._run_fn(instance, feed)
-        t2 = time.perf_counter_ns()
-        if len(batch) == 1:
-            per = [out]
-        else:
-            total = sum(p.items for p in batch)
-            for k, v in out.items():
-                if v.ndim == 0 or v.shape[0] != total:
-                    raise InferenceFailedError(
-                        f"model {self.label}: output '{k}' has shape {list(v.shape)} for a batch of {total}; "
-                        "a batched model must keep the batch as the first dim of every output")
-            per, off = [], 0
-            for p in batch:
-                per.append({k: v[off:off + p.items] for k, v in out.items()})
-                off += p.items
-        t3 = time.perf_counter_ns()
-        return per, t1 - t0, t2 - t1, t3 - t2
+
+def _launch_and_finish(runner: BatchRunner, feeds: list[dict[str, np.ndarray]], items: list[int]) -> BatchOutputs:
+    return runner.finish(runner.launch(feeds, items))

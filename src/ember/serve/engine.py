@@ -1,9 +1,9 @@
-"""The one place serve touches the ember engine API. If that API moves, fix it here.
+"""Where serve meets the ember engine API (with instance.py, which runs it). If that API moves, fix
+it here.
 
-An EngineAdapter loads `model.engine` (or builds `model.onnx` and caches the engine), reports
-its inputs/outputs in KServe terms, and runs it on behalf of one model instance. Every instance
-gets its own CUDA stream on GPU engines, so instances overlap on the device; runs happen on the
-instance's worker thread, never on the event loop.
+An EngineAdapter loads `model.engine` (or builds `model.onnx` and caches the engine) and reports
+its inputs/outputs in KServe terms. Each model instance (instance.py) runs it through an
+ExecutionContext of its own, on the instance's threads, never on the event loop.
 """
 from __future__ import annotations
 
@@ -99,7 +99,12 @@ class EngineAdapter:
         self.inputs = [_io(s) for s in engine.inputs]
         self.outputs = [_io(s) for s in engine.outputs]
         self.device = str(getattr(engine, "device", "cpu"))
-        self._local = threading.local()
+        graph = getattr(engine, "graph", None)
+        # the staged path carries tensors only (the context's rule for stage())
+        self.tensor_io = graph is not None and all(getattr(v, "kind", "tensor") == "tensor"
+                                                   for v in (*graph.inputs, *graph.outputs))
+        self.bf16_inputs = frozenset(io.name for io in self.inputs if io.datatype == "BF16")
+        self.stage_dtypes = {s.name: _stage_dtype(str(s.dtype).replace("torch.", "")) for s in engine.inputs}
 
     @classmethod
     def load(cls, version_dir: Path, preferred: str | None, cache_dir: Path | None, label: str,
@@ -148,48 +153,45 @@ class EngineAdapter:
                             cache_dir, e)
         return engine
 
-    # ---- running (on an instance's worker thread) -------------------------------------------------------
-
-    def _stream(self) -> Any:
-        stream = getattr(self._local, "stream", None)
-        if stream is None and self.device.startswith("cuda"):
-            import torch
-
-            stream = self._local.stream = torch.cuda.Stream()
-        return stream
+    # ---- running --------------------------------------------------------------------------------------
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once. Raises BadRequestError for input problems, InferenceFailedError otherwise."""
-        feed: dict[str, Any] = {}
-        for io in self.inputs:
-            arr = inputs[io.name]
-            feed[io.name] = _bf16_in(arr) if io.datatype == "BF16" else arr
+        """Run once through the calling thread's context (Engine.run). Raises BadRequestError for input
+        problems, InferenceFailedError otherwise. Model instances use instance.EngineInstance."""
+        feed = {io.name: bf16_tensor(inputs[io.name]) if io.datatype == "BF16" else inputs[io.name]
+                for io in self.inputs}
         try:
-            stream = self._stream()
-            if stream is None:
-                out = self.engine.run(feed)
-            else:
-                import torch
-
-                with torch.cuda.stream(stream):
-                    out = self.engine.run(feed)
-                stream.synchronize()
+            out = self.engine.run(feed)
         except InputError as e:
             raise BadRequestError(str(e)) from e
         except Exception as e:  # the engine is not ours to trust: report it, keep serving
             raise InferenceFailedError(f"engine {self.path} failed: {type(e).__name__}: {e}") from e
-        return {k: _to_numpy(v) for k, v in out.items()}
+        return {k: kserve_array(v) for k, v in out.items()}
 
 
-def _bf16_in(arr: np.ndarray) -> Any:
+def _stage_dtype(name: str) -> Any:
+    """The dtype ExecutionContext.stage takes for an engine input: numpy's, or torch's bfloat16."""
+    if name == "bfloat16":
+        import torch
+
+        return torch.bfloat16
+    try:
+        return np.dtype(name)
+    except TypeError:  # not a tensor dtype: such an engine is not staged (tensor_io)
+        return None
+
+
+def bf16_tensor(arr: np.ndarray) -> Any:
+    """KServe BF16 (uint16 bits) -> a torch.bfloat16 tensor."""
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
 
 
-def _to_numpy(v: Any) -> np.ndarray:
+def kserve_array(v: Any) -> np.ndarray:
+    """An engine output as the array KServe sends: numpy, BF16 as its uint16 bits."""
     if isinstance(v, np.ndarray):
-        return v
+        return v.view(np.uint16) if v.dtype.name == "bfloat16" else v
     try:
         import torch
     except ImportError:  # pragma: no cover

@@ -18,6 +18,7 @@ from .batcher import BatchPolicy, DynamicBatcher
 from .config import ModelConfig, QueuePolicy, TensorConfig, Warmup, WarmupInput
 from .datatypes import KSERVE_TO_NUMPY, deserialize_bytes_tensor, element_count
 from .engine import EngineAdapter, EngineIO
+from .instance import EngineInstance
 from .errors import BadRequestError, ModelNotReadyError, RepositoryError, ServeError
 from .protocol import InferRequest, InferResponse, OutputTensor, TensorMeta
 from .safe_files import read_regular_file, resolve_inside
@@ -145,13 +146,16 @@ class ServedModel:
             self.outputs = [TensorMeta(t.name, t.datatype, lead + t.dims) for t in self.config.outputs]
             self._input_index = {t.name: t for t in self.inputs}
             self._output_index = {t.name: t for t in self.outputs}
-            adapter = self.adapter
-            self.batcher = DynamicBatcher(f"'{self.name}' v{self.version}", lambda _i, feed: adapter.run(feed),
-                                          self.config.instance_count,
+            label = f"'{self.name}' v{self.version}"
+            instances = [EngineInstance(self.adapter, f"{label} instance {i}")
+                         for i in range(self.config.instance_count)]
+            self.batcher = DynamicBatcher(label, instances,
                                           batch_policy(self.config, self.settings.default_max_queue_size),
                                           self._on_batch)
+            await self.batcher.open()  # each instance makes its execution context on its own thread
             self.batcher.start()
             await self._warmup()
+            await self._capture_buckets()
         except Exception as e:
             self.state, self.reason = "UNAVAILABLE", str(e)
             if self.batcher is not None:
@@ -160,8 +164,9 @@ class ServedModel:
                 raise
             raise RepositoryError(f"model {self.label}: {type(e).__name__}: {e}") from e
         self.state, self.reason = "READY", ""
-        log.info("model %s is ready (%d instance(s), max batch %d, device %s)", self.label, self.config.instance_count,
-                 self.config.max_batch_size, self.adapter.device)
+        staged = any(getattr(r, "staged", False) for r in self.batcher.runners)
+        log.info("model %s is ready (%d instance(s), max batch %d, device %s%s)", self.label, self.config.instance_count,
+                 self.config.max_batch_size, self.adapter.device, ", staged through pinned memory" if staged else "")
 
     async def unload(self) -> None:
         """Stop taking requests, finish the accepted ones, release the engine."""
@@ -193,6 +198,27 @@ class ServedModel:
                     raise RepositoryError(f"model {self.label}: warm-up '{w.name}' failed: {e}") from e
                 log.warning("model %s: default warm-up (zeros, batch 1) failed: %s; add a warmup entry to the "
                             "config with valid shapes", self.label, e)
+
+    async def _capture_buckets(self) -> None:
+        """Plan every batch bucket up to max_batch_size on each instance now (GPU), so that the first
+        requests of each size do not wait for a CUDA graph capture. Needs the non-batch dims: from the
+        config where they are fixed, else from the first warm-up entry."""
+        assert self.batcher is not None
+        mbs = self.config.max_batch_size
+        if mbs <= 0 or not any(getattr(r, "staged", False) for r in self.batcher.runners):
+            return
+        dims = {t.name: tuple(t.dims) for t in self.config.inputs}
+        if any(d < 0 for v in dims.values() for d in v):
+            w = next(iter(self.config.warmup), None)
+            if w is None or set(w.inputs) != set(dims):
+                log.info("model %s: variable non-batch dims and no warm-up to take them from; batch buckets are "
+                         "captured on first use", self.label)
+                return
+            dims = {k: tuple(w.inputs[k].dims) for k in dims}
+        t0 = time.monotonic()
+        done = await self.batcher.on_each_instance(lambda r: r.capture_buckets(dims, mbs))
+        log.info("model %s: captured batch buckets %s on %d instance(s) in %.1f s", self.label, done[0] if done else [],
+                 len(done), time.monotonic() - t0)
 
     def _warmup_inputs(self, w: Warmup) -> dict[str, np.ndarray]:
         batched = self.config.max_batch_size > 0
