@@ -148,12 +148,18 @@ def tensor_from_raw(raw: bytes | memoryview, datatype: str, shape: tuple[int, ..
 
 
 def tensor_to_raw(arr: np.ndarray, datatype: str) -> bytes:
+    return bytes(tensor_raw_view(arr, datatype))
+
+
+def tensor_raw_view(arr: np.ndarray, datatype: str) -> bytes | memoryview:
+    """The wire bytes of a tensor, as a view of the array where its memory already is that layout
+    (contiguous, little-endian): the response body is then the one copy."""
     if datatype == "BYTES":
         return serialize_bytes_tensor(arr)
     a = np.ascontiguousarray(arr)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    return a.tobytes()
+    return memoryview(a).cast("B") if a.size else b""
 
 
 # ---- JSON tensors ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from . import grpc_service_pb2_grpc as pb_grpc
 from .core import InferenceService
 from .datatypes import KSERVE_TO_NUMPY, element_count, tensor_from_raw, tensor_to_raw
 from .errors import BadRequestError, ServeError, UnsupportedError
+from .grpc_wire import WireInferRequest, read_infer_request
 from .http_codec import MAX_RANK
 from .protocol import InferRequest, InferResponse, RequestedOutput, request_parameter_int
 
@@ -33,11 +34,19 @@ def _param(p: Any) -> Any:
     return getattr(p, which) if which else None
 
 
-def parse_grpc_request(req: pb.ModelInferRequest) -> InferRequest:
+def parse_grpc_request(req: pb.ModelInferRequest | WireInferRequest) -> InferRequest:
+    """A ModelInferRequest (or one read by grpc_wire, whose raw contents are views of the received
+    message) as an InferRequest; binary tensors become numpy views of the contents, checked for size."""
+    raw: Any
+    if isinstance(req, WireInferRequest):
+        req, raw = req.message, req.raw
+        if raw is None:
+            raw = req.raw_input_contents
+    else:
+        raw = req.raw_input_contents
     params = {k: _param(v) for k, v in req.parameters.items()}
     priority = request_parameter_int(params, "priority", "request") or 0
     timeout = request_parameter_int(params, "timeout", "request")
-    raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
         raise BadRequestError(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs; send one "
                               "per input, in the order of 'inputs'")
@@ -166,7 +175,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._call(context, self.service.unload_model, request.model_name, params)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest | WireInferRequest) -> pb.ModelInferResponse:
         try:
             req = parse_grpc_request(request)
         except ServeError as e:
@@ -184,7 +193,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         results: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
 
-        async def one(req: pb.ModelInferRequest) -> None:
+        async def one(req: pb.ModelInferRequest | WireInferRequest) -> None:
             try:
                 resp = await self._infer(req)
                 await results.put(pb.ModelStreamInferResponse(infer_response=resp))
@@ -245,7 +254,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._unsupported(context, "log settings")
 
 
-def _stream_error(req: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+def _stream_error(req: pb.ModelInferRequest | WireInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    if isinstance(req, WireInferRequest):
+        req = req.message
     return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
         model_name=req.model_name, model_version=req.model_version, id=req.id))
 
@@ -287,5 +298,18 @@ def build_grpc_server(service: InferenceService) -> grpc.aio.Server:
                ("grpc.server_handshake_timeout_ms", max(1, int(service.settings.header_timeout_s * 1000)))]
     server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=service.settings.max_connections)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    servicer = InferenceServicer(service)
+    # inference requests are read by grpc_wire (tensors stay views of the received bytes); the server
+    # asks its handlers in the order they were added, so these come before the generated ones
+    zero_copy = {
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfer, request_deserializer=read_infer_request,
+            response_serializer=pb.ModelInferResponse.SerializeToString),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            servicer.ModelStreamInfer, request_deserializer=read_infer_request,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService",
+                                                                          zero_copy),))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return server

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .datatypes import KSERVE_TO_NUMPY, tensor_from_json, tensor_from_raw, tensor_to_json, tensor_to_raw
+from .datatypes import KSERVE_TO_NUMPY, tensor_from_json, tensor_from_raw, tensor_raw_view, tensor_to_json
 from .errors import BadRequestError, UnsupportedError
 from .protocol import InferRequest, InferResponse, RequestedOutput, request_parameter_int
 
@@ -149,7 +149,7 @@ def encode_infer_response(resp: InferResponse, default_binary: bool) -> tuple[by
         binary = default_binary if o.binary is None else o.binary
         entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": list(o.data.shape)}
         if binary or o.datatype == "BF16":
-            raw = tensor_to_raw(o.data, o.datatype)
+            raw = tensor_raw_view(o.data, o.datatype)  # copied once, into the body below
             entry["parameters"] = {**o.parameters, "binary_data_size": len(raw)}
             blobs.append(raw)
         else:
@@ -165,4 +165,4 @@ def encode_infer_response(resp: InferResponse, default_binary: bool) -> tuple[by
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
         return header, {}, "application/json"
-    return header + b"".join(blobs), {HEADER_LENGTH: str(len(header))}, "application/octet-stream"
+    return b"".join([header, *blobs]), {HEADER_LENGTH: str(len(header))}, "application/octet-stream"
