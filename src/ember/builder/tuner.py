@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ..ir.graph import Graph, Node, Value
+from ..ir.graph import Graph, Node
 from ..kernels import bind_tactic, candidates
-from ..kernels.template_choice import KEEP_BY_LEVEL, TEMPLATES, shortlist
+from ..kernels.template_choice import KEEP_BY_LEVEL, shortlist
 from ..ops import OpContext
 from .progress import ProgressFn, report as send_progress
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -31,6 +31,9 @@ from ..ir.dtypes import DType
 from ..ir.graph import Node
 from .kernel_store import note
 from .template_choice import CONV_CONFIGS, GEMM_CONFIGS, TEMPLATES, TileConfig  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from .compile_pool import CompileSpec
 
 try:
     import triton
