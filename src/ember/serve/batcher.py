@@ -378,8 +378,31 @@ class DynamicBatcher:
         finisher = self._finishers[instance]
         if finisher is None:  # depth 1: launch and finish in one go on the instance's thread
             return await loop.run_in_executor(self._launchers[instance], _launch_and_finish, runner, feeds, items)
-        launched = await loop.run_in_executor(self._launchers[instance], runner.launch, feeds, items)
-        return await loop.run_in_executor(finisher, runner.finish, launched)
+        # depth 2: the launch thread hands the batch to the finish thread itself, so finishes queue in
+        # launch order and the event loop wakes once per batch, when its outputs are ready
+        done: asyncio.Future = loop.create_future()
+
+        def settle(result: Any = None, error: BaseException | None = None) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, done, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        def finish(launched: Any) -> None:
+            try:
+                settle(runner.finish(launched))
+            except BaseException as e:
+                settle(error=e)
+
+        def launch() -> None:
+            try:
+                launched = runner.launch(feeds, items)
+                finisher.submit(finish, launched)
+            except BaseException as e:
+                settle(error=e)
+
+        self._launchers[instance].submit(launch)
+        return await done
 
     async def _execute(self, instance: int, batch: list[_Pending]) -> None:
         start = time.monotonic_ns()
@@ -419,6 +442,15 @@ class DynamicBatcher:
         if not isinstance(e, ServeError):
             e = InferenceFailedError(f"model {self.label}: {type(e).__name__}: {e}")
         p.future.set_exception(e)
+
+
+def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 def _launch_and_finish(runner: BatchRunner, feeds: list[dict[str, np.ndarray]], items: list[int]) -> BatchOutputs:

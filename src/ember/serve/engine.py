@@ -170,11 +170,12 @@ class EngineAdapter:
 
 
 def _stage_dtype(name: str) -> Any:
-    """The dtype ExecutionContext.stage takes for an engine input: numpy's, or torch's bfloat16."""
+    """The numpy dtype of an engine input as ExecutionContext.run sees it (bfloat16: ml_dtypes'), so
+    staged runs and run() share plans."""
     if name == "bfloat16":
-        import torch
+        import ml_dtypes
 
-        return torch.bfloat16
+        return np.dtype(ml_dtypes.bfloat16)
     try:
         return np.dtype(name)
     except TypeError:  # not a tensor dtype: such an engine is not staged (tensor_io)
