@@ -33,6 +33,7 @@ from .tuner import TimingCache, TuneReport, select_tactics
 
 log = logging.getLogger(__name__)
 SEARCH_ROUNDS = 3  # search, rebuild, measure the engine: this many times, then every layer fp32
+VERIFY_RUNS = 4  # runs a search may take past its budget, to check segments kept without splitting
 
 
 @dataclass
@@ -96,15 +97,17 @@ def _check_fidelity(graph32: Graph, low: DType, device: torch.device, feeds: dic
         whole = search.measure(search.layers)  # the search's own starting point, on reference kernels
         target = fid.TARGET * budget
         for _ in range(SEARCH_ROUNDS):
-            while fid.size(whole) > target and search.can_run():  # rounds until the reference runs agree
+            # rounds until the reference runs agree; out of splitting runs, a round still keeps the
+            # densest segments, and a few runs more check what that gives
+            while fid.size(whole) > target and search.runs < search.max_runs + VERIFY_RUNS:
                 found = search.round(accuracy, whole, target)
                 if not found:
                     break
                 accuracy.update(found)
                 send_progress(progress, "fidelity", search.runs, search.max_runs, f"{len(accuracy)} layer(s) kept fp32")
                 whole = search.measure([n for n in search.layers if n not in accuracy])
-            if fid.size(whole) > target:  # out of runs: what is left goes fp32
-                accuracy.update({n: fid.size(whole) for n in search.layers})
+            if fid.size(whole) > target:  # still over: what is left goes fp32 too
+                accuracy.update({n: fid.size(whole) for n in search.layers if n not in accuracy})
             keep.update({n: ("accuracy", fid.describe(c, budget)) for n, c in accuracy.items()})
             lower()
             d = fid.measure_engine(state["graph"], device, feeds, ref)

@@ -26,9 +26,11 @@ from .progress import ProgressFn, report as send_progress
 
 log = logging.getLogger(__name__)
 
-# builder level -> timed repetitions per candidate (0: no timing, first vendor tactic wins)
-TIMING_METHOD = "graph-replay"
+# the timing method is part of the cache key: entries timed another way are not comparable (since
+# "graph-replay-engine-tf32", tactics are timed with the engine's TF32 setting, not torch's default)
+TIMING_METHOD = "graph-replay-engine-tf32"
 COMPILE_WAIT = 600.0  # seconds to wait for a worker's compile before compiling in this process
+# builder level -> timed repetitions per candidate (0: no timing, first vendor tactic wins)
 REPS = {0: 0, 1: 3, 2: 10, 3: 25, 4: 50, 5: 100}
 
 
