@@ -50,6 +50,7 @@ class Interpreter:
                     self.consts[name] = tensor_from_numpy(v.data, self.device)
         # tactics chosen at build time (node.meta['tactic']), bound to this device
         self.bound: dict[str, BoundTactic] = {}
+        self._top = {id(n) for n in graph.nodes}  # tactics bind to these: a body node may share a name
         self.fallbacks: list[str] = []  # "node (op): tactic" chosen at build time that cannot run here
         for n in graph.nodes:
             b = bind_tactic(n, self.device, self.consts)
@@ -149,7 +150,7 @@ class Interpreter:
         for i, step in enumerate(steps):
             if at is not None:
                 at[0] = i
-            bound = self.bound.get(step.node.name) if step.opdef is not None else None
+            bound = self.bound.get(step.node.name) if step.opdef is not None and id(step.node) in self._top else None
             keys = step.inputs
             if bound is not None and bound.remap:
                 keys = [bound.remap.get(j, k) for j, k in enumerate(keys)]
@@ -161,7 +162,8 @@ class Interpreter:
                 ) from None
             if self.on_step is not None:
                 self.on_step(step, args)
-                if step.opdef is not None and self.bound.get(step.node.name) is not bound:  # the hook chose a tactic
+                if step.opdef is not None and id(step.node) in self._top and \
+                        self.bound.get(step.node.name) is not bound:  # the hook chose a tactic
                     bound = self.bound.get(step.node.name)
                     keys = step.inputs if bound is None else [bound.remap.get(j, k) for j, k in enumerate(step.inputs)]
                     args = [env[n] if n is not None else None for n in keys]
