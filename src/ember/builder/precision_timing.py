@@ -51,7 +51,9 @@ class PrecisionTimer:
                 saved = t.interp.consts
                 t.interp.consts = consts  # the twin's weights, for binding its tactics
                 try:
-                    results, failed = t.time_candidates(twin, twin_args, names)
+                    # fewer repetitions: fp32 matters only when it wins clearly (a layer's fp16 kernel
+                    # widening to fp32 inside), and big fp32 layers take milliseconds each
+                    results, failed = t.time_candidates(twin, twin_args, names, reps=max(2, t.reps // 3))
                 finally:
                     t.interp.consts = saved
                 best = pick(results)

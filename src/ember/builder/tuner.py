@@ -346,11 +346,13 @@ class _Tuner:
         report.timed += 1
         return results.get(best)
 
-    def time_candidates(self, node: Node, args: list, names: list[str]) -> tuple[dict[str, float], list[str]]:
+    def time_candidates(self, node: Node, args: list, names: list[str],
+                        reps: Optional[int] = None) -> tuple[dict[str, float], list[str]]:
         """Median ms of the reference and of each tactic in ``names`` that matches it; the failed ones."""
+        reps = reps or self.reps
         ctx = OpContext(num_outputs=len(node.outputs), node_name=node.name, memo={})
         want = interp_call_reference(node, args, ctx)
-        results = {"reference": _time(lambda: interp_call_reference(node, args, ctx), self.reps, self.device)}
+        results = {"reference": _time(lambda: interp_call_reference(node, args, ctx), reps, self.device)}
         failed: list[str] = []
         for cname in names:
             b = _bound_args(node, cname, self.device, self.interp, args)
@@ -363,7 +365,7 @@ class _Tuner:
                 err = _mismatch(bound.run(bargs, bound.attrs, ctx), want, len(node.outputs))
                 if err:
                     raise ValueError(f"output differs from the reference: {err}")
-                results[cname] = _time(lambda: bound.run(bargs, bound.attrs, ctx), self.reps, self.device)
+                results[cname] = _time(lambda: bound.run(bargs, bound.attrs, ctx), reps, self.device)
             except Exception as e:  # not chosen, and said in the build report
                 msg = " ".join(str(e).split())[:300]
                 self.report.failures.append(f"{node.name} ({node.op}): {cname}: {type(e).__name__}: {msg}")
