@@ -97,3 +97,21 @@ def test_the_tuner_times_each_low_layer_in_fp32_and_every_cast():
     g32, _ = low_chain({n: ("speed", "") for n in ("c1", "a", "b", "c2")})
     again = select_tactics(g32, torch.device("cpu"), feeds, 1, cache, low=torch.float16)
     assert again.node_ms == {}  # nothing computes in fp16 any more
+
+
+def test_a_warm_rebuild_times_no_reference_twin_or_cast_again(monkeypatch):
+    from ember.builder import precision_timing, tuner
+
+    g, _ = low_chain()
+    cache = TimingCache.open(None)
+    feeds = {"x": torch.randn(1, 4, 5, 5)}
+    first = select_tactics(g, torch.device("cpu"), feeds, 1, cache, low=torch.float16)
+
+    def no_timing(*a, **k):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(tuner, "_time", no_timing)
+    monkeypatch.setattr(precision_timing, "_time", no_timing)
+    g2, _ = low_chain()
+    again = select_tactics(g2, torch.device("cpu"), feeds, 1, cache, low=torch.float16)
+    assert again.node_ms == first.node_ms and again.cast_ms == first.cast_ms

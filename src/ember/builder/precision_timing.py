@@ -40,7 +40,8 @@ class PrecisionTimer:
         try:
             if low_ms is None:  # a node with no tactics: its reference is what runs
                 ctx = OpContext(num_outputs=len(node.outputs), node_name=node.name, memo={})
-                low_ms = _time(lambda: interp_call_reference(node, args, ctx), t.reps, t.device)
+                low_ms = self._cached_ms(node_signature(node, args), "reference", lambda: _time(
+                    lambda: interp_call_reference(node, args, ctx), t.reps, t.device))
             twin, twin_args, consts = fp32_twin(node, args, t.interp.consts, self.low)
             names = [c.name for c in candidates(twin, t.device)]
             key = t.cache.key(t.device, node_signature(twin, twin_args))
@@ -81,7 +82,21 @@ class PrecisionTimer:
 
     def _time_cast(self, name: str, a: torch.Tensor, to: torch.dtype) -> None:
         t = self.tuner
-        t.report.cast_ms[name] = round(_time(lambda: a.to(to), max(3, t.reps // 2), t.device), 5)
+        cl = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last)
+        sig = f"Cast|{a.dtype}->{to}|{list(a.shape)}{'cl' if cl else ''}"
+        ms = self._cached_ms(sig, "cast", lambda: _time(lambda: a.to(to), max(3, t.reps // 2), t.device))
+        t.report.cast_ms[name] = round(ms, 5)
+
+    def _cached_ms(self, signature: str, label: str, measure: Any) -> float:
+        """A timing kept in the timing cache (a warm rebuild times no reference or cast again)."""
+        t = self.tuner
+        key = t.cache.key(t.device, signature)
+        hit = t.cache.entries.get(key)
+        if hit is not None and isinstance((hit.get("ms") or {}).get(label), (int, float)):
+            return float(hit["ms"][label])
+        ms = measure()
+        t.cache.entries[key] = {"tactic": label, "ms": {label: ms}, "failed": []}
+        return ms
 
 
 def _root_name(key: str) -> str:
