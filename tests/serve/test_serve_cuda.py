@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import ember
+from ember.runtime.buckets import bucket_size
 from ember.runtime.context import emulated_graphs
 
 from .conftest import start_server
@@ -160,7 +161,7 @@ def _check_instances(srv) -> None:
     for name, (_, _, _, mbs, instances) in MODELS.items():
         runners = srv.service.repository.get(name, None).batcher.runners
         assert len(runners) == instances and all(r.staged and r.depth == 2 for r in runners), name
-        want = sorted({ember.runtime.buckets.bucket_size(n) for n in range(1, mbs + 1)})
+        want = sorted({bucket_size(n) for n in range(1, mbs + 1)})
         assert all(r.captured == want for r in runners), (name, [r.captured for r in runners])
         if runners[0].ctx.cuda:
             assert len({id(r.ctx.stream) for r in runners}) == instances  # each instance its own stream
@@ -169,8 +170,6 @@ def _check_instances(srv) -> None:
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision, tol", [("fp16", 2e-2), ("fp32", 1e-3)])
 def test_serve_cuda_engines_under_concurrency_match_onnxruntime(tmp_path, precision, tol):
-    import ember.runtime.buckets  # noqa: F401  (bucket_size in _check_instances)
-
     repo, onnx_files = _repository(tmp_path, "cuda", precision)
     srv = start_server(repo, cache_dir=tmp_path / "cache")
     try:
@@ -191,8 +190,6 @@ def test_serve_cuda_engines_under_concurrency_match_onnxruntime(tmp_path, precis
 
 def test_the_harness_on_the_cpu_with_emulated_graphs(tmp_path):
     """The same server, clients and checks on CPU engines whose contexts run the GPU path's plans."""
-    import ember.runtime.buckets  # noqa: F401
-
     repo, onnx_files = _repository(tmp_path, "cpu", "fp32")
     with emulated_graphs():
         srv = start_server(repo, cache_dir=tmp_path / "cache")

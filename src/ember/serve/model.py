@@ -165,8 +165,9 @@ class ServedModel:
             raise RepositoryError(f"model {self.label}: {type(e).__name__}: {e}") from e
         self.state, self.reason = "READY", ""
         staged = any(getattr(r, "staged", False) for r in self.batcher.runners)
-        log.info("model %s is ready (%d instance(s), max batch %d, device %s%s)", self.label, self.config.instance_count,
-                 self.config.max_batch_size, self.adapter.device, ", staged through pinned memory" if staged else "")
+        log.info("model %s is ready (%d instance(s), max batch %d, device %s%s)", self.label,
+                 self.config.instance_count, self.config.max_batch_size, self.adapter.device,
+                 ", staged through pinned memory" if staged else "")
 
     async def unload(self) -> None:
         """Stop taking requests, finish the accepted ones, release the engine."""
