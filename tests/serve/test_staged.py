@@ -49,11 +49,27 @@ def _staged_batcher(engine_path: Path, instances: int = 1, max_batch: int = 16, 
     return DynamicBatcher("test", runners, policy), runners
 
 
+def _scalar_sum_engine(path: Path) -> Path:
+    """s = sum(x), x: float32[3], s a scalar: a model without a batch dim and with a 0-d output."""
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0)], "sum",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                          [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ember.build(model.SerializeToString()).save(str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def staged_server(tmp_path_factory, engines):
     rb = RepoBuilder(tmp_path_factory.mktemp("staged") / "repo", engines)
     rb.add("affine", "affine", STAGED_AFFINE)
     rb.add("addsub", "addsub", STAGED_ADDSUB)
+    rb.add("nobatch", "affine", "max_batch_size: 0\ninstance_count: 1\n")
+    (rb.root / "scalar" / "1").mkdir(parents=True)
+    _scalar_sum_engine(rb.root / "scalar" / "1" / "model.engine")
     # the switch is read when a context is made (at load, on each instance's thread); it is global, so
     # it is on only while the server starts
     with emulated_graphs():
@@ -147,6 +163,23 @@ def test_two_inputs_two_outputs_staged(staged_server):
         t.start()
     for t in threads:
         t.join(60)
+
+
+def test_models_without_a_batch_dim_and_scalar_outputs_run_staged(staged_server):
+    base = f"http://127.0.0.1:{staged_server.http_port}"
+    assert all(r.staged for m in ("nobatch", "scalar") for r in _served(staged_server, m).batcher.runners)
+    with httpx.Client(base_url=base, timeout=30) as c:
+        for rows in (1, 3, 2):
+            x = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+            r = c.post("/v2/models/nobatch/infer", json={"inputs": [
+                {"name": "x", "shape": [rows, 4], "datatype": "FP32", "data": x.ravel().tolist()}]})
+            assert r.status_code == 200, r.text
+            np.testing.assert_array_equal(np.array(r.json()["outputs"][0]["data"]), (x * 2 + 1).ravel())
+        r = c.post("/v2/models/scalar/infer", json={"inputs": [
+            {"name": "x", "shape": [3], "datatype": "FP32", "data": [1.5, 2, 3]}]})
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["shape"] == [] and out["data"] == [6.5]
 
 
 def test_outputs_are_views_of_one_slot_sliced_per_request(engines):

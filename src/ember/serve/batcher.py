@@ -51,11 +51,11 @@ class BatchRunner(Protocol):
 
 
 def split_rows(label: str, outputs: dict[str, np.ndarray], items: list[int],
-               cut: Callable[[np.ndarray, int, int], np.ndarray] = lambda a, off, n: a[off:off + n]
-               ) -> list[dict[str, np.ndarray]]:
-    """A batch's outputs back per request, ``cut(array, offset, rows)`` each (views by default)."""
+               view: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> list[dict[str, np.ndarray]]:
+    """A batch's outputs back per request: ``view`` of each request's rows (of the whole outputs when
+    the batch is one request, whatever their shape)."""
     if len(items) == 1:
-        return [{k: cut(v, 0, v.shape[0] if v.ndim else 0) for k, v in outputs.items()}]
+        return [{k: view(v) for k, v in outputs.items()}]
     total = sum(items)
     for k, v in outputs.items():
         if v.ndim == 0 or v.shape[0] != total:
@@ -64,7 +64,7 @@ def split_rows(label: str, outputs: dict[str, np.ndarray], items: list[int],
                 "a batched model must keep the batch as the first dim of every output")
     per, off = [], 0
     for n in items:
-        per.append({k: cut(v, off, n) for k, v in outputs.items()})
+        per.append({k: view(v[off:off + n]) for k, v in outputs.items()})
         off += n
     return per
 

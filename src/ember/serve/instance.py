@@ -159,7 +159,7 @@ class EngineInstance:
             outs = _guarded(self.adapter, launched.run.wait)
             t1 = time.perf_counter_ns()
             arrays = {k: kserve_array(v) for k, v in outs.items()}
-            per = split_rows(self.label, arrays, launched.items, lambda a, off, n: lease.view(a[off:off + n]))
+            per = split_rows(self.label, arrays, launched.items, lease.view)
         finally:
             lease.handed_out()
         return per, launched.input_ns, t1 - launched.submitted_ns, time.perf_counter_ns() - t1
