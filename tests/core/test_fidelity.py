@@ -120,3 +120,14 @@ def test_ember_build_reports_the_check_and_takes_a_budget(tmp_path, capsys):
     assert "fidelity" not in capsys.readouterr().err
     assert main(["build", model, "--fp16", "--device", "cpu", "-o", eng, "--fidelity-budget", "tight"]) == 1
     assert "fidelity budget 'tight' is not a number" in capsys.readouterr().err
+
+
+def test_models_that_draw_random_numbers_are_not_checked():
+    nodes = [helper.make_node("RandomNormalLike", ["x"], ["n"], scale=0.01),
+             helper.make_node("Add", ["x", "n"], ["y"])]
+    graph = helper.make_graph(nodes, "noisy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    e = ember.build(model, device="cpu", precision="fp16")
+    assert "RandomNormalLike" in e.manifest["fidelity"]["skipped"]
+    assert not any(": accuracy" in line for line in e.manifest["fp32_layers"])

@@ -34,6 +34,7 @@ from .tuner import TimingCache, TuneReport, select_tactics
 log = logging.getLogger(__name__)
 SEARCH_ROUNDS = 3  # search, rebuild, measure the engine: this many times, then every layer fp32
 VERIFY_RUNS = 4  # runs a search may take past its budget, to check segments kept without splitting
+RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial"}
 
 
 @dataclass
@@ -75,7 +76,15 @@ def build_low_precision(graph32: Graph, low: DType, device: torch.device, feeds:
             lower()
     checked = None
     if budget is not None:
-        checked = _check_fidelity(graph32, low, device, feeds, budget, keep, lower, state, progress)
+        random_ops = sorted({n.op for n in graph32.all_nodes() if n.op in RANDOM_OPS})
+        if random_ops:  # two runs draw different numbers: no distance between them means anything
+            checked = {"budget": budget, "skipped": f"the model draws random numbers ({', '.join(random_ops)})"}
+        else:
+            try:
+                checked = _check_fidelity(graph32, low, device, feeds, budget, keep, lower, state, progress)
+            except Exception as e:  # the engine is still built; the manifest and ember build say why unchecked
+                log.warning("fp16/bf16 fidelity check failed: %s: %s", type(e).__name__, e)
+                checked = {"budget": budget, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
     return LowPrecisionBuild(state["graph"], state["kept"], state.get("tune"), checked)
 
 

@@ -152,7 +152,12 @@ def _print_precision(console: Any, m: dict) -> None:
     """The layers a reduced-precision engine computes in fp32, by reason, and the fidelity check."""
     layers = m.get("fp32_layers") or []
     fid = m.get("fidelity")
-    if fid:
+    if fid and ("error" in fid or "skipped" in fid):
+        from rich.markup import escape
+
+        why = f"the check failed: {fid['error']}" if "error" in fid else fid["skipped"]
+        console.print(f"  [yellow]{m.get('precision')} fidelity not checked:[/] " + escape(why))
+    elif fid:
         def worst(d: dict) -> float:
             return max((v if isinstance(v, (int, float)) else float("inf") for v in d.values()), default=0.0)
 
