@@ -275,3 +275,20 @@ def test_cpu_engines_keep_the_plain_path(engines):
     runner, r = asyncio.run(main())
     assert not runner.staged and runner.depth == 1 and runner.capture_buckets({"x": (4,)}, 8) == []
     np.testing.assert_array_equal(r.outputs["y"], np.full((2, 4), 3, np.float32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_64_clients_on_the_staged_path_zero_failures_and_no_held_slots(staged_server, protocol, caplog):
+    """ember perf's load generator, 64 connections for 4 s: no failure, and the front ends release
+    every output view in time (no batch had to run unstaged because a slot was still held)."""
+    from ember.serve.perf import PerfTarget, measure
+
+    port = staged_server.http_port if protocol == "http" else staged_server.grpc_port
+    model = _served(staged_server, "affine")
+    before = model.stats.as_dict()["execution_count"]
+    with caplog.at_level(logging.WARNING, logger="ember.serve"):
+        r = measure(PerfTarget(f"127.0.0.1:{port}", "affine", protocol=protocol, processes=2), 64, 4.0, 0.5)
+    assert r.failures == 0 and r.requests > 0, r.errors
+    assert model.stats.as_dict()["execution_count"] > before
+    assert not [m for m in caplog.messages if "still referenced" in m]

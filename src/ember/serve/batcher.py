@@ -178,9 +178,11 @@ class DynamicBatcher:
         context there). Call before start()."""
         await self.on_each_instance(lambda r: r.open())
 
-    async def on_each_instance(self, fn: Callable[[BatchRunner], Any]) -> list[Any]:
+    async def on_each_instance(self, fn: Callable[[BatchRunner], Any], one_at_a_time: bool = False) -> list[Any]:
         """``fn(runner)`` on each instance's launch thread, outside the queue; the results in order."""
         loop = asyncio.get_running_loop()
+        if one_at_a_time:
+            return [await loop.run_in_executor(ex, fn, r) for r, ex in zip(self.runners, self._launchers)]
         return list(await asyncio.gather(*(loop.run_in_executor(ex, fn, r)
                                            for r, ex in zip(self.runners, self._launchers))))
 

@@ -87,9 +87,10 @@ class _InFlight:
 class EngineInstance:
     """One instance of a served engine, as the batcher drives it (batcher.BatchRunner)."""
 
-    def __init__(self, adapter: EngineAdapter, label: str):
+    def __init__(self, adapter: EngineAdapter, label: str, max_batch_size: int = 0):
         self.adapter = adapter
         self.label = label
+        self.max_batch_size = max_batch_size
         self.ctx: Any = None
         self.staged = False
         self.captured: list[int] = []  # batch buckets planned by capture_buckets
@@ -103,7 +104,8 @@ class EngineInstance:
         return 2 if self.staged else 1
 
     def open(self) -> None:
-        self.ctx = self.adapter.engine.create_execution_context()
+        # room for a plan per batch size, should the model's rows not allow buckets (LRU beyond)
+        self.ctx = self.adapter.engine.create_execution_context(max_graphs=max(32, self.max_batch_size + 16))
         self.staged = bool(getattr(self.ctx, "planned", False)) and self.adapter.tensor_io
         self._value_inputs = frozenset(getattr(getattr(self.ctx, "interp", None), "value_inputs", ()) or ())
 

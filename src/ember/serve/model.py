@@ -147,7 +147,7 @@ class ServedModel:
             self._input_index = {t.name: t for t in self.inputs}
             self._output_index = {t.name: t for t in self.outputs}
             label = f"'{self.name}' v{self.version}"
-            instances = [EngineInstance(self.adapter, f"{label} instance {i}")
+            instances = [EngineInstance(self.adapter, f"{label} instance {i}", self.config.max_batch_size)
                          for i in range(self.config.instance_count)]
             self.batcher = DynamicBatcher(label, instances,
                                           batch_policy(self.config, self.settings.default_max_queue_size),
@@ -217,7 +217,8 @@ class ServedModel:
                 return
             dims = {k: tuple(w.inputs[k].dims) for k in dims}
         t0 = time.monotonic()
-        done = await self.batcher.on_each_instance(lambda r: r.capture_buckets(dims, mbs))
+        # one instance after the other: loading gains little from two captures at once on one device
+        done = await self.batcher.on_each_instance(lambda r: r.capture_buckets(dims, mbs), one_at_a_time=True)
         log.info("model %s: captured batch buckets %s on %d instance(s) in %.1f s", self.label, done[0] if done else [],
                  len(done), time.monotonic() - t0)
 
