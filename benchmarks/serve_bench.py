@@ -373,6 +373,11 @@ def host(device: str) -> dict[str, Any]:
             except Exception:  # a version string is a nicety
                 info[mod] = "?"
     info["torch"] = torch.__version__
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                                        timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
     return info
 
 
@@ -449,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     judge(result["served"], result["bench"])
+    keep = ("ready", "captured batch buckets", "no shape buckets", "WARNING", "ERROR", "Traceback")
+    result["server_log"] = [line.rstrip() for line in (work / "serve.log").read_text(errors="replace").splitlines()
+                            if any(k in line for k in keep)][:200]
     result["elapsed_s"] = time.monotonic() - T0
     print()
     print_table(result["served"])
