@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "serve": "ember.cli.serve:serve_cmd",
     "perf": "ember.cli.perf:perf_cmd",
     "doctor": "ember.cli.doctor:doctor_cmd",
+    "llm": "ember.cli.llm:llm_group",
+    "generate": "ember.cli.llm:generate_cmd",
 }
 
 _HELP = {
@@ -31,6 +33,8 @@ _HELP = {
     "serve": "Serve a model repository over HTTP and gRPC (KServe v2).",
     "perf": "Load-test a running server at several concurrency levels.",
     "doctor": "Explain the environment: versions, devices, mismatches.",
+    "llm": "LLM engines: build one from a Hugging Face checkpoint or a GGUF file.",
+    "generate": "Stream a completion from an LLM engine or checkpoint.",
 }
 
 

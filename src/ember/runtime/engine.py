@@ -111,6 +111,9 @@ class Engine:
         dev = resolve_device(device)
         key = load_key(verify_key) if verify_key is not None else None
         with EngineArchive.open(path, key, require_key_if_signed=True) as arc:
+            if arc.manifest.get("kind") == "llm":
+                raise EngineFileError(f"engine '{os.fspath(path)}' is an LLM engine: run it with `ember generate` or "
+                                      "`ember serve`, or ember.llm.LLMEngine.load()")
             warm = None
             if dev.type == "cuda" and arc.manifest.get("kernels"):
                 warm = kernel_store.prewarm()  # Triton's first-launch work, while the weights load

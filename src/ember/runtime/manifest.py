@@ -199,6 +199,8 @@ _OPTIONAL: dict[str, Callable[[str, Any], Any]] = {
     "nodes_out": lambda f, v: _int(f, v, 0, 1 << 40),
     "allow_tf32": _bool,
     "kernels": lambda f, v: _kernels(v),
+    "kind": lambda f, v: _str(f, v, 16, re.compile(r"(model|llm)\Z")),  # "llm": an LLM engine (ember.llm)
+    "llm": _obj,
 }
 
 
