@@ -281,10 +281,23 @@ def test_staged_runs_fill_pinned_buffers_and_overlap_two_slots(tmp_path, rng):
             if len(pending) == 2:  # two in flight, then collect the older
                 x0, r0 = pending.pop(0)
                 np.testing.assert_allclose(r0.wait()["y"], _ort(path, {"x": x0})["y"], rtol=1e-5, atol=1e-6)
+                r0.release()  # done with its outputs: the slot can take the next batch
         for x0, r0 in pending:
             np.testing.assert_allclose(r0.wait()["y"], _ort(path, {"x": x0})["y"], rtol=1e-5, atol=1e-6)
         plan = ctx._plans[ctx._routes[ctx._signature({"x": ((3, 8), np.float32)}, {})][0]]
         assert len(plan.slots) == 2
+        # without release(), up to MAX_SLOTS slots hold outputs, then the oldest is reused
+        from ember.runtime.context import MAX_SLOTS
+
+        runs = []
+        for _ in range(MAX_SLOTS + 2):
+            r = ctx.stage({"x": ((3, 8), np.float32)})
+            r.inputs["x"][...] = xs[0]
+            r.submit()
+            runs.append(r)
+        assert len(plan.slots) == MAX_SLOTS
+        np.testing.assert_allclose(runs[-1].wait()["y"], _ort(path, {"x": xs[0]})["y"], rtol=1e-5, atol=1e-6)
+        assert ctx.can_stage and ctx.bucket_sizes(10) == [1, 2, 4, 8, 16]
 
 
 def test_inspect_says_whether_a_model_is_one_graph_and_what_breaks_it(tmp_path):

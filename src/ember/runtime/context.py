@@ -32,7 +32,7 @@ import torch
 from ..errors import InputError
 from ..ops.torch_types import tensor_to_numpy, to_numpy_value, to_torch
 from . import mathmode
-from .buckets import Analysis, BucketPlan, analyze_for, batch_symbol
+from .buckets import Analysis, BucketPlan, analyze_for, batch_symbol, bucket_size
 from .specialize import Break, Specialization, Step
 
 if TYPE_CHECKING:
@@ -85,6 +85,9 @@ class _Rows:
     outputs: dict
 
 
+MAX_SLOTS = 4  # staging slots per plan: runs in flight or outputs still held by a caller
+
+
 class _Slot:
     """Pinned host buffers for one run in flight: inputs (the plan's shapes) and outputs."""
 
@@ -92,7 +95,29 @@ class _Slot:
         self.inputs = {k: ctx._pinned(tuple(b.shape), b.dtype) for k, b in plan.inputs.items()}
         self.outputs: dict[str, torch.Tensor] = {}
         self.done: Any = None  # event recorded after the slot's outputs are copied out
-        self.busy = False
+        self.state = "idle"  # "staged" (handed to a caller), "submitted" (its run queued or done)
+        self.released = True  # the caller is done with the outputs
+
+
+class _WarmData(Mapping):
+    """Inputs for planning a signature before any data exists: made only if a plan must be built."""
+
+    def __init__(self, shapes: Mapping[str, tuple], values: Optional[Mapping[str, Any]]):
+        self.shapes, self.values, self.made = shapes, values or {}, {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.values:
+            return np.asarray(self.values[name])
+        if name not in self.made:
+            shape, dt = self.shapes[name]
+            self.made[name] = _warm_data(tuple(shape), _np_of(_torch_dtype(dt)))
+        return self.made[name]
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 class StagedRun:
@@ -118,6 +143,11 @@ class StagedRun:
 
     def wait(self) -> dict[str, np.ndarray]:
         return self.ctx._wait(self)
+
+    def release(self) -> None:
+        """The caller is done with the outputs: the slot may be staged again at once. (Without it, a
+        slot is reused, oldest first, once MAX_SLOTS runs of its plan are staged.)"""
+        self.slot.released = True
 
 
 class _CaptureFailed(Exception):
@@ -187,6 +217,7 @@ class ExecutionContext:
         self.verify_buckets = verify_buckets
         self._plans: "OrderedDict[tuple, _Plan]" = OrderedDict()
         self._routes: dict[tuple, tuple] = {}  # a signature that runs padded -> (plan key, rows, batch axes)
+        self._verified: set[tuple] = set()  # bucket analyses whose padding was checked against an exact run
         self._lock = threading.Lock()
         self._pool: Any = None  # the arena: a private memory pool every graph of this context allocates in
         self._pool_id: Any = None
@@ -266,31 +297,56 @@ class ExecutionContext:
             return {k: (b.narrow(rows.inputs[k], 0, rows.n) if rows is not None and k in rows.inputs else b)
                     for k, b in plan.inputs.items()}
 
+    @property
+    def can_stage(self) -> bool:
+        """Whether ``stage`` works here: a planned (GPU) context of an engine with tensor inputs and
+        outputs only."""
+        return self.planned and self._tensor_io
+
+    def bucket_sizes(self, max_batch: int) -> list[int]:
+        """The plans batches of 1..``max_batch`` rows run in (the shape buckets; the last may exceed
+        ``max_batch``), or [] when this engine runs exact shapes only."""
+        if not self.buckets or batch_symbol(self.engine.graph) is None:
+            return []
+        lo, hi = self._profile_range(batch_symbol(self.engine.graph))
+        return sorted({min(max(bucket_size(n), lo), hi) for n in range(1, max_batch + 1) if n <= hi})
+
+    def capture(self, signatures: "list[Mapping[str, tuple]]", values: Optional[Mapping[str, Any]] = None) -> int:
+        """Plan (and capture) these input signatures ahead of traffic: each a {name: (shape, dtype)}.
+        Returns how many plans the context holds."""
+        with self._lock, torch.inference_mode():
+            for shapes in signatures:
+                with self._on_stream():
+                    self._plan_for({k: (tuple(s), d) for k, (s, d) in shapes.items()}, _WarmData(shapes, values))
+                self._sync()
+            return len(self._plans)
+
     def stage(self, shapes: Mapping[str, tuple], values: Optional[Mapping[str, Any]] = None) -> StagedRun:
         """A run with inputs of these (shape, dtype)s, for callers that write the inputs themselves
         (the server's batcher gathers requests straight into pinned memory). ``values``: the values of
-        value inputs (Interpreter.value_inputs), which key the plan. Plans the signature on first use."""
-        data: dict[str, Any] = {}
-        for name, (shape, dt) in shapes.items():
-            if values is not None and name in values:
-                data[name] = np.asarray(values[name])
-            else:
-                data[name] = _warm_data(tuple(shape), _np_of(_torch_dtype(dt)))
+        value inputs (Interpreter.value_inputs), which key the plan. Plans the signature on first use
+        (with stand-in data: real data arrives with ``submit``)."""
         with self._lock, torch.inference_mode():
-            if not self.planned or not self._tensor_io:
+            if not self.can_stage:
                 raise InputError("stage() needs a GPU engine with tensor inputs and outputs; use run()")
             with self._on_stream():
-                plan, rows = self._plan_for({k: (tuple(s), d) for k, (s, d) in shapes.items()}, data)
-            if len(plan.slots) < 2:
-                plan.slots.append(_Slot(self, plan))
-                slot = plan.slots[-1]
-            else:
-                slot = min(plan.slots, key=lambda sl: sl.busy)  # the one not in flight, else the older
-                plan.slots.remove(slot)
+                plan, rows = self._plan_for({k: (tuple(s), d) for k, (s, d) in shapes.items()},
+                                            _WarmData(shapes, values))
+            free = [sl for sl in plan.slots if sl.state == "idle" or (sl.state == "submitted" and sl.released)]
+            if free:
+                slot = free[0]
+            elif len(plan.slots) < MAX_SLOTS:
+                slot = _Slot(self, plan)
                 plan.slots.append(slot)
-            if slot.busy and slot.done is not None:
-                slot.done.synchronize()  # its last run's outputs are read: the server copied them
-            slot.busy = False
+            else:  # the oldest submitted one: its caller had MAX_SLOTS - 1 runs to read it
+                slot = next((sl for sl in plan.slots if sl.state == "submitted"), None)
+                if slot is None:
+                    raise InputError(f"{MAX_SLOTS} runs of one shape are staged and none submitted: submit them")
+            plan.slots.remove(slot)
+            plan.slots.append(slot)
+            if slot.done is not None:
+                slot.done.synchronize()  # its last run's copies out of this memory are done
+            slot.state, slot.released = "staged", False
             return StagedRun(self, plan, rows, slot, dict(shapes))
 
     def _submit(self, run: StagedRun) -> None:
@@ -319,7 +375,7 @@ class ExecutionContext:
                 if self.cuda:
                     slot.done = torch.cuda.Event()
                     slot.done.record(self.stream)
-            slot.busy = True
+            slot.state = "submitted"
             run._outs = host
 
     def _wait(self, run: StagedRun) -> dict[str, np.ndarray]:
@@ -407,7 +463,7 @@ class ExecutionContext:
 
     def _signature(self, shapes: dict[str, tuple], data: Mapping[str, Any]) -> tuple:
         values = self.interp.value_inputs
-        return tuple((k, tuple(int(d) for d in sh), str(dt))
+        return tuple((k, tuple(int(d) for d in sh), _dtype_name(dt))
                      + ((tuple(_host_values(data[k])),) if k in values else ())
                      for k, (sh, dt) in sorted(shapes.items()))
 
@@ -426,7 +482,7 @@ class ExecutionContext:
         self.engine._check_specs(shapes)  # full checks once per new signature
         bucket = self._bucket(shapes, data)
         if bucket is not None:
-            bplan, n, b = bucket
+            bplan, n, b, group = bucket
             rows = _Rows(n, b, dict(bplan.inputs), dict(bplan.outputs))
             padded = {k: (tuple(b if (k in bplan.inputs and i == bplan.inputs[k]) else d for i, d in enumerate(sh)), dt)
                       for k, (sh, dt) in shapes.items()}
@@ -434,13 +490,15 @@ class ExecutionContext:
             plan = self._plans.get(key)
             if plan is None:
                 plan = self._build(padded, data, rows)
-                if plan is None:  # a padded run did not match the exact one: exact plans from now on
-                    self.buckets = False
-                    self._routes.clear()
-                    return self._plan_for(shapes, data)
                 self._insert(key, plan)
             else:
                 self._plans.move_to_end(key)
+            if self.verify_buckets and group not in self._verified:
+                if not self._bucket_matches(plan, data, rows):  # padding changed the rows: exact plans only
+                    self.buckets = False
+                    self._routes.clear()
+                    return self._plan_for(shapes, data)
+                self._verified.add(group)
             if len(self._routes) > 4096:
                 self._routes.clear()
             self._routes[sig] = (key, rows)
@@ -478,7 +536,7 @@ class ExecutionContext:
         if bplan is None:
             return None
         b = bplan.bucket(n)
-        return None if b == n else (bplan, n, b)
+        return None if b == n else (bplan, n, b, other)
 
     def _profile_range(self, symbol: str) -> tuple[int, int]:
         """The batch range that every profile of the engine allows (buckets stay inside it)."""
@@ -500,17 +558,12 @@ class ExecutionContext:
             self._routes = {s: r for s, r in self._routes.items() if r[0] != old_key}
             log.info("execution context: dropped a plan (%d bytes) to stay under its cap", old.nbytes)
 
-    def _build(self, shapes: dict[str, tuple], data: Mapping[str, Any], rows: Optional[_Rows] = None) -> Optional[_Plan]:
+    def _build(self, shapes: dict[str, tuple], data: Mapping[str, Any], rows: Optional[_Rows] = None) -> _Plan:
         """Make and capture the plan for these (padded) shapes, running it on ``data``."""
         with torch.inference_mode(False):  # normal tensors: callers may write them (input_buffers)
             inputs = {v.name: torch.zeros(tuple(shapes[v.name][0]), dtype=_torch_dtype(shapes[v.name][1]),
                                           device=self.device) for v in self.engine.graph.inputs}
-        for name, buf in inputs.items():
-            x = data[name]
-            src = x if isinstance(x, torch.Tensor) else _torch_view(np.asarray(x))
-            if rows is not None and name in rows.inputs:
-                buf = buf.narrow(rows.inputs[name], 0, rows.n)
-            buf.copy_(src.to(buf.device).reshape(buf.shape))
+        self._fill(inputs, data, rows)
         spec = self.interp.specialization(dict(inputs))
         plan = _Plan(spec, inputs, bucket=rows.bucket if rows is not None else None)
         if self.cuda_graph:
@@ -518,10 +571,17 @@ class ExecutionContext:
                 for _ in range(2):  # warm up: handles, Triton compiles, lazy tables (OpContext.cached)
                     self.interp.run_spec(spec, self._env(plan))
             self._sync()
-        plan = self._capture(plan)
-        if rows is not None and self.verify_buckets and not self._bucket_matches(plan, data, rows):
-            return None
-        return plan
+        return self._capture(plan)
+
+    @staticmethod
+    def _fill(inputs: dict[str, torch.Tensor], data: Mapping[str, Any], rows: Optional[_Rows]) -> None:
+        """Copy ``data`` into static input buffers (the run's rows of them, when padded)."""
+        for name, buf in inputs.items():
+            x = data[name]
+            src = x if isinstance(x, torch.Tensor) else _torch_view(np.asarray(x))
+            if rows is not None and name in rows.inputs:
+                buf = buf.narrow(rows.inputs[name], 0, rows.n)
+            buf.copy_(src.to(buf.device).reshape(buf.shape))
 
     def _env(self, plan: _Plan) -> Any:
         return ChainMap(dict(plan.inputs), plan.spec.host, self.interp.consts)
@@ -726,7 +786,9 @@ class ExecutionContext:
         return host
 
     def _bucket_matches(self, plan: _Plan, data: Mapping[str, Any], rows: _Rows) -> bool:
-        """First use of a padded plan: its rows must match an exact eager run (else buckets go off)."""
+        """First padded run of a bucket analysis: its rows must match an exact eager run (else buckets
+        go off for this context)."""
+        self._fill(plan.inputs, data, rows)
         got = _cut(self._execute(plan), rows)
         exact = {}
         for v in self.engine.graph.inputs:
@@ -802,6 +864,21 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray:
         bits = t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
         return bits.view(_np_of(t.dtype))
     return t.numpy()
+
+
+def _dtype_name(dt: Any) -> str:
+    """One name per dtype, whether numpy, torch or ember's (plans must not split on the spelling)."""
+    from ..ir.dtypes import DType, from_numpy
+    from ..ops.torch_types import from_torch
+
+    try:
+        if isinstance(dt, DType):
+            return dt.value
+        if isinstance(dt, torch.dtype):
+            return from_torch(dt).value
+        return from_numpy(np.dtype(dt)).value
+    except Exception:
+        return str(dt)
 
 
 def _np_of(dt: torch.dtype) -> Any:
