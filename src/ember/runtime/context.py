@@ -359,19 +359,7 @@ class ExecutionContext:
                         ax = rows.inputs[name]
                         pin, dev = pin.narrow(ax, 0, rows.n), dev.narrow(ax, 0, rows.n)
                     dev.copy_(pin, non_blocking=True)
-                outs = _cut(self._execute(plan), rows)
-                host: dict[str, Any] = {}
-                for k, v in outs.items():
-                    if not isinstance(v, torch.Tensor):
-                        host[k] = v
-                        continue
-                    need = v.numel() * v.element_size()
-                    pin = slot.outputs.get(k)
-                    if pin is None or pin.numel() < need:
-                        pin = slot.outputs[k] = self._pinned((max(need, 1),), torch.uint8)
-                    view = pin[:need].view(v.dtype).view(v.shape)
-                    view.copy_(v, non_blocking=True)
-                    host[k] = view
+                host = self._copy_out(_cut(self._execute(plan), rows), slot.outputs)
                 if self.cuda:
                     slot.done = torch.cuda.Event()
                     slot.done.record(self.stream)
@@ -770,16 +758,20 @@ class ExecutionContext:
             dev.copy_(pin, non_blocking=True)
 
     def _stage_out(self, outs: dict[str, Any]) -> dict[str, Any]:
-        """Device outputs -> reused pinned buffers, on the context's stream (the caller syncs it)."""
+        return self._copy_out(outs, self._pinned_out)
+
+    def _copy_out(self, outs: dict[str, Any], store: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Device outputs -> reused pinned buffers (``store``, grown as needed), queued on the context's
+        stream: the caller synchronizes before reading them."""
         host: dict[str, Any] = {}
         for k, v in outs.items():
             if not isinstance(v, torch.Tensor):
                 host[k] = v
                 continue
             need = v.numel() * v.element_size()
-            pin = self._pinned_out.get(k)
+            pin = store.get(k)
             if pin is None or pin.numel() < need:
-                pin = self._pinned_out[k] = self._pinned((max(need, 1),), torch.uint8)
+                pin = store[k] = self._pinned((max(need, 1),), torch.uint8)
             view = pin[:need].view(v.dtype).view(v.shape)
             view.copy_(v, non_blocking=True)
             host[k] = view

@@ -84,33 +84,28 @@ class Interpreter:
     def specialization(self, feeds: dict[str, Any]) -> Specialization:
         """The plan of this input signature: shape arithmetic done once on the host, then cached."""
         sig = signature_of(self.graph, feeds, self.value_inputs)
-        with self._spec_lock:  # contexts of one engine share this cache across threads
-            spec = self.specializations.get(sig)
-            if spec is None:
-                spec = specialize(self.graph, feeds, self.small_consts, self.device, self.value_inputs)
-                if self.group_kernels:
-                    fuse_steps(self.graph, spec, self.group_kernels)
-                self.specializations[sig] = spec
-                if len(self.specializations) > self.max_specializations:
-                    self.specializations.popitem(last=False)
-            else:
-                self.specializations.move_to_end(sig)
-        return spec
+        return self._cached_plan(self.specializations, self._spec_lock, sig, self.max_specializations,
+                                 lambda: specialize(self.graph, feeds, self.small_consts, self.device, self.value_inputs))
 
     def tail_specialization(self, tail: Tail, env: Any) -> Specialization:
         """The plan of a tail for the tensors reaching it in ``env`` (cached per their signature)."""
-        sig = tail.signature(env)
-        with tail.lock:
-            spec = tail.plans.get(sig)
+        return self._cached_plan(tail.plans, tail.lock, tail.signature(env), tail.max_plans,
+                                 lambda: specialize_tail(self.graph, tail, env, self.small_consts, self.device))
+
+    def _cached_plan(self, cache: "OrderedDict[tuple, Specialization]", lock: Any, sig: tuple, limit: int,
+                     make: Any) -> Specialization:
+        """An LRU of plans shared by the engine's contexts across threads; new plans get the fusion
+        groups' generated kernels."""
+        with lock:
+            spec = cache.get(sig)
             if spec is None:
-                spec = specialize_tail(self.graph, tail, env, self.small_consts, self.device)
+                spec = cache[sig] = make()
                 if self.group_kernels:
                     fuse_steps(self.graph, spec, self.group_kernels)
-                tail.plans[sig] = spec
-                if len(tail.plans) > tail.max_plans:
-                    tail.plans.popitem(last=False)
+                if len(cache) > limit:
+                    cache.popitem(last=False)
             else:
-                tail.plans.move_to_end(sig)
+                cache.move_to_end(sig)
         return spec
 
     # -- running ------------------------------------------------------------------------------------
