@@ -101,11 +101,20 @@ class LLMEngine:
             raise RequestError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
         return ids
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> Request:
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """RequestError when the request cannot run on this engine (changes nothing: callers on other
+        threads use it to answer at once)."""
         params.validate()
+        vocab = self.config.vocab_size
         for t in params.stop_token_ids:
-            if not 0 <= t < self.config.vocab_size:
+            if not 0 <= t < vocab:
                 raise RequestError(f"stop_token_ids: {t} is not a token id of this model")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        self.scheduler.check(len(prompt_ids))
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> Request:
+        self.check_request(prompt_ids, params)
         req = Request(list(prompt_ids), params, generator=params.generator(self.device))
         if request_id is not None:
             if request_id in self.requests:
@@ -197,7 +206,7 @@ class LLMEngine:
 
     def _output(self, req: Request, tokens: list[int], logprobs: list, final_text: bool) -> RequestOutput:
         return RequestOutput(req.id, req.state.take(final_text), tokens, req.finished, req.finish_reason, logprobs,
-                             len(req.prompt_ids), len(req.output_ids), req.cached_tokens)
+                             len(req.prompt_ids), len(req.output_ids), req.cached_tokens, req.first_scheduled)
 
     # -- conveniences ------------------------------------------------------------------------------------------
     def stream(self, prompt: Prompt, params: Optional[SamplingParams] = None, chat: bool = False

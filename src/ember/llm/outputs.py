@@ -30,6 +30,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    scheduled_at: Optional[float] = None  # when the request first ran (monotonic clock)
 
 
 class OutputState:

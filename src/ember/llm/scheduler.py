@@ -99,16 +99,18 @@ class Scheduler:
         self.preemptions = 0
 
     # -- requests in and out ---------------------------------------------------------------------------------
-    def add(self, req: Request) -> None:
-        if len(req.prompt_ids) == 0:
+    def check(self, prompt_len: int) -> None:
+        if prompt_len == 0:
             raise RequestError("the prompt is empty: give at least one token")
-        if len(req.prompt_ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(req.prompt_ids)} tokens; this engine runs at most "
-                               f"{self.max_model_len} tokens per sequence (prompt and output), so the prompt must be "
-                               "shorter")
-        if blocks_needed(len(req.prompt_ids) + 1) > self.blocks.num_blocks:
-            raise RequestError(f"the prompt needs {blocks_needed(len(req.prompt_ids) + 1)} KV blocks; the cache has "
+        if prompt_len >= self.max_model_len:
+            raise RequestError(f"the prompt has {prompt_len} tokens; this engine runs at most {self.max_model_len} "
+                               "tokens per sequence (prompt and output), so the prompt must be shorter")
+        if blocks_needed(prompt_len + 1) > self.blocks.num_blocks:
+            raise RequestError(f"the prompt needs {blocks_needed(prompt_len + 1)} KV blocks; the cache has "
                                f"{self.blocks.num_blocks}")
+
+    def add(self, req: Request) -> None:
+        self.check(len(req.prompt_ids))
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"{len(self.waiting)} requests are waiting, the engine's limit; retry with backoff")
         self.waiting.append(req)
