@@ -134,7 +134,7 @@ def _default_feeds(path: Path) -> tuple[Optional[dict], dict]:
 
 # -- one build, in a fresh process --------------------------------------------------------------------
 def build_once(model: str, precision: str, shapes: dict, feeds_path: str, timing_cache: str, result_path: str,
-               outputs_path: Optional[str], device: str = "cuda") -> None:
+               outputs_path: Optional[str], device: str = "cuda", builder_level: int = 2) -> None:
     """What a child process does: build, then (cold builds) time engine.run and save the outputs."""
     t_start = time.perf_counter()
     import torch
@@ -148,7 +148,7 @@ def build_once(model: str, precision: str, shapes: dict, feeds_path: str, timing
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     engine = ember.build(model, device=device, precision=precision, timing_cache=timing_cache,
-                         shapes={k: tuple(v) for k, v in shapes.items()})
+                         shapes={k: tuple(v) for k, v in shapes.items()}, builder_level=builder_level)
     build_s = time.perf_counter() - t0
     m = engine.manifest
     tune = getattr(engine, "tuning", None)
@@ -241,7 +241,8 @@ class Run:
               outputs_path: Optional[str], env: dict) -> dict[str, Any]:
         timeout = max(10.0, min(self.args.case_timeout, self.left()))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(
-            [path, precision, shapes, feeds_path, cache, result_path, outputs_path, self.args.device])]
+            [path, precision, shapes, feeds_path, cache, result_path, outputs_path, self.args.device,
+             self.args.builder_level])]
         t = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -323,6 +324,9 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole run (default 420)")
     ap.add_argument("--case-timeout", type=float, default=150.0, help="seconds one build may take")
     ap.add_argument("--workers", type=int, default=None, help="EMBER_COMPILE_WORKERS for the builds")
+    ap.add_argument("--builder-level", type=int, default=2,
+                    help="2 (default) shortlists template configurations by shape; 4 times them all (to see "
+                         "what the shortlist costs in engine ms)")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of this script)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
