@@ -174,8 +174,14 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         manifest["allow_tf32"] = True
     if fidelity is not None:
         manifest["fidelity"] = fidelity  # the fp16/bf16 check: budget, output drift before and after
+    # the shapes the engine was tuned and planned at (a profile's opt shapes, or the ones chosen)
+    opt = tuning[0] if tuning else {}
+    manifest["tuned_shapes"] = {v.name: [int(d) for d in opt[v.name][1]] if v.name in opt else
+                                [d if isinstance(d, int) else 1 for d in (v.shape or ())] for v in graph.inputs}
     engine = Engine(graph, manifest, device=device)
     if device.type == "cuda":
+        # a group given a generated kernel here must get one wherever the engine loads (else: a fallback)
+        engine.manifest["fusion_groups"] = sorted(engine._interp.group_kernels)
         # runs at each profile's min, opt and max shapes: they compile what first inferences would
         # (Triton specializes on sizes of 1 and multiples of 16), and record the kernels the engine
         # launches so that save() stores their binaries

@@ -199,6 +199,9 @@ _OPTIONAL: dict[str, Callable[[str, Any], Any]] = {
     "nodes_out": lambda f, v: _int(f, v, 0, 1 << 40),
     "allow_tf32": _bool,
     "kernels": lambda f, v: _kernels(v),
+    "tuned_shapes": _shapes,  # the input shapes tactics were timed and memory planned at
+    "fusion_groups": lambda f, v: _str_list(f, v),  # groups given a generated kernel at build (a loss at load is an error)
+    "fidelity": _obj,  # the fp16/bf16 check's budget and drift (printed, never acted on)
     "kind": lambda f, v: _str(f, v, 16, re.compile(r"(model|llm)\Z")),  # "llm": an LLM engine (ember.llm)
     "llm": _obj,
 }
