@@ -15,6 +15,8 @@ HOST_INPUTS: dict[str, tuple[str, ...]] = {
     "TopK": ("K",), "Unsqueeze": ("axes",), "Squeeze": ("axes",), "Split": ("split",), "OneHot": ("depth",),
     "CumSum": ("axis",), "CumProd": ("axis",), "Trilu": ("k",), "CenterCropPad": ("shape",),
     "DFT": ("dft_length", "axis"), "Range": ("start", "limit", "delta"),
+    "AffineGrid": ("size",), "MaxUnpool": ("output_shape",), "Col2Im": ("image_shape", "block_shape"),
+    "SequenceAt": ("position",), "SequenceInsert": ("position",), "SequenceErase": ("position",),
     **{r: ("axes",) for r in REDUCTIONS},
 }
 
