@@ -10,8 +10,8 @@ shows it:
 - a product is flat, with one integer coefficient and sorted factors, and is multiplied out over
   sums while that stays small (``2*(s + 1)`` is ``2*s + 2``);
 - ``x//1`` is ``x``, ``(b*s)//s`` is ``b``, ``(2*h + 4)//2`` is ``h + 2``, ``(x//2)//3`` is ``x//6``;
-- ``(2*h + 1) % 2`` is ``1 % 2``... is ``1``; min/max are flat, deduplicated, and drop an argument that
-  differs from another by a constant (``min(s, s + 1)`` is ``s``).
+- ``(2*h + 1) % 2`` is ``1``; min/max are flat, deduplicated, and drop an argument that differs
+  from another by a constant (``min(s, s + 1)`` is ``s``).
 
 No rule assumes anything about the symbols' values, so every rewrite holds for all integers (a
 division by an expression that is zero at run time is undefined either way). A name is any string:
@@ -29,6 +29,17 @@ MAX_EXPANDED_TERMS = 64  # a product of sums is multiplied out only up to this m
 
 _OPS = ("sym", "add", "mul", "floordiv", "mod", "min", "max")
 _RANK = {op: i + 1 for i, op in enumerate(_OPS)}  # ints rank 0: they sort first
+
+
+def _operator(op: str, reflected: bool = False) -> Callable[["Sym", object], "Dim"]:
+    def method(self: "Sym", other: object) -> "Dim":
+        o = _coerce(other)
+        if o is None:
+            return NotImplemented
+        return _BINARY[op](o, self) if reflected else _BINARY[op](self, o)
+
+    method.__name__ = f"__{'r' if reflected else ''}{op}__"
+    return method
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -92,46 +103,12 @@ class Sym:
         """Names of the symbols the expression uses."""
         return self._symbols
 
-    # -- arithmetic -----------------------------------------------------------------------------
-    def __add__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else add(self, o)
-
-    def __radd__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else add(o, self)
-
-    def __sub__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else add(self, mul(-1, o))
-
-    def __rsub__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else add(o, mul(-1, self))
-
-    def __mul__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else mul(self, o)
-
-    def __rmul__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else mul(o, self)
-
-    def __floordiv__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else floordiv(self, o)
-
-    def __rfloordiv__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else floordiv(o, self)
-
-    def __mod__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else mod(self, o)
-
-    def __rmod__(self, other: object) -> "Dim":
-        o = _coerce(other)
-        return NotImplemented if o is None else mod(o, self)
+    # -- arithmetic (with ints and Syms; the results are canonical) -------------------------------
+    __add__, __radd__ = _operator("add"), _operator("add", reflected=True)
+    __sub__, __rsub__ = _operator("sub"), _operator("sub", reflected=True)
+    __mul__, __rmul__ = _operator("mul"), _operator("mul", reflected=True)
+    __floordiv__, __rfloordiv__ = _operator("floordiv"), _operator("floordiv", reflected=True)
+    __mod__, __rmod__ = _operator("mod"), _operator("mod", reflected=True)
 
     def __neg__(self) -> "Dim":
         return mul(-1, self)
@@ -420,6 +397,10 @@ def _prod(vals: list[int]) -> int:
 _EVAL: dict[str, Callable[[list[int]], int]] = {
     "add": sum, "mul": _prod, "floordiv": lambda v: v[0] // v[1], "mod": lambda v: v[0] % v[1],
     "min": min, "max": max,
+}
+_BINARY: dict[str, Callable[[Dim, Dim], Dim]] = {
+    "add": lambda a, b: add(a, b), "sub": lambda a, b: add(a, mul(-1, b)), "mul": lambda a, b: mul(a, b),
+    "floordiv": floordiv, "mod": mod,
 }
 _BUILD: dict[str, Callable[..., Dim]] = {
     "add": add, "mul": mul, "floordiv": floordiv, "mod": mod, "min": sym_min, "max": sym_max,
