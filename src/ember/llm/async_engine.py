@@ -94,7 +94,11 @@ class AsyncLLM:
                        request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come; the last has ``finished``. Leaving the iteration early
         (or being cancelled) aborts the request."""
-        stream = self.submit(prompt_ids, params, request_id)
+        async for out in self.consume(self.submit(prompt_ids, params, request_id)):
+            yield out
+
+    async def consume(self, stream: "_Stream") -> AsyncIterator[RequestOutput]:
+        """The outputs of a submitted request; leaving early aborts it."""
         finished = False
         try:
             while True:
@@ -108,6 +112,10 @@ class AsyncLLM:
         finally:
             if not finished:
                 self._commands.put(("abort", stream.id))
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (from any thread); a finished or unknown one is left alone."""
+        self._commands.put(("abort", request_id))
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: Optional[str] = None) -> _Stream:
         if self._dead is not None:

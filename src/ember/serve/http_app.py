@@ -20,6 +20,7 @@ from .config import message_json
 from .core import InferenceService
 from .errors import BadRequestError, PayloadTooLargeError, ServeError, UnsupportedError
 from .http_codec import HEADER_LENGTH, encode_infer_response, loads_json, parse_infer_request
+from .openai_app import openai_routes
 
 log = logging.getLogger("ember.serve")
 
@@ -241,6 +242,7 @@ def build_http_app(service: InferenceService, metrics_here: bool = True) -> Any:
         ]
     for prefix in ("/v2/systemsharedmemory", "/v2/cudasharedmemory", "/v2/trace", "/v2/logging"):
         routes += [r(prefix, unsupported, ["GET", "POST"]), r(prefix + "/{rest:path}", unsupported, ["GET", "POST"])]
+    routes += openai_routes(service)  # /v1/...: the LLM engines of the repository (openai_app.py)
     if metrics_here:
         routes.append(r("/metrics", metrics, ["GET"]))
 

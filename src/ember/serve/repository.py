@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .config import ModelConfig, load_model_config
 from .errors import BadRequestError, ModelNotFoundError, ModelNotReadyError, RepositoryError
 from .engine import find_model_file
+from .llm_model import served_model  # an LLM engine (manifest kind "llm") is served by LLMServedModel
 from .model import ModelSettings, ServedModel
 from .safe_files import resolve_inside
 
@@ -114,7 +115,7 @@ class ModelRepository:
                 if isinstance(e, OSError):
                     raise RepositoryError(f"model '{name}': cannot read {model_dir}: {e}") from e
                 raise
-            new = {v: ServedModel(config, v, available[v], self.settings, self.metrics) for v in wanted}
+            new = {v: served_model(config, v, available[v], self.settings, self.metrics) for v in wanted}
             if not entry.versions:
                 entry.state, entry.reason = "LOADING", ""
             results = await asyncio.gather(*(m.load() for m in new.values()), return_exceptions=True)
