@@ -214,3 +214,51 @@ def test_staged_runs_for_the_server(tmp_path):
             assert _rel(r0.wait()["y"], _ort(path, {"x": x0})["y"]) < 1e-5
     for x0, r0 in pending:
         assert _rel(r0.wait()["y"], _ort(path, {"x": x0})["y"]) < 1e-5
+
+
+def test_a_capture_that_syncs_recovers_and_leaves_the_allocator_sound(tmp_path):
+    """An op that synchronizes inside capture invalidates it; the step becomes a host step, the run is
+    right, and the caching allocator is not left mid-capture (empty_cache would assert)."""
+    path = _mlp(tmp_path)
+    eng = ember.build(path, device="cuda", timing_cache=None)
+    orig = eng._interp.invoke
+
+    def invoke(step, bound, args, run_sub=None):
+        out = orig(step, bound, args, run_sub)
+        if torch.cuda.is_current_stream_capturing() and isinstance(out, torch.Tensor):
+            float(out.reshape(-1)[0])  # .item(): a sync inside capture
+        return out
+
+    eng._interp.invoke = invoke
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    assert _rel(eng.run({"x": x})["y"], _ort(path, {"x": x})["y"]) < 1e-5
+    assert eng.capture_report()["host_steps"] >= 1
+    torch.cuda.empty_cache()  # asserts inside torch if a capture were left under way
+    eng._interp.invoke = orig
+    fresh = ember.build(path, device="cuda", timing_cache=None)
+    assert fresh.capture_report({"x": x})["one_graph"]
+
+
+def test_contexts_are_bounded_and_report_their_arena(tmp_path):
+    path = _mlp(tmp_path)
+    eng = ember.build(path, device="cuda", timing_cache=None)
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(5):
+                assert _rel(eng.run({"x": x})["y"], _ort(path, {"x": x})["y"]) < 1e-5
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert eng._made <= eng.max_contexts
+    arena = eng.context().arena_bytes()
+    print(f"contexts made: {eng._made}; arena bytes of one: {arena}")
+    assert arena is None or arena > 0

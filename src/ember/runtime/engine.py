@@ -1,12 +1,13 @@
 """Engine: a loaded, ready-to-run model. ``Engine.load(path)`` needs no compiler."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -62,12 +63,13 @@ class FallbackError(EngineFileError):
 
 
 class Engine:
-    """Runs an optimized graph. Thread-safe: each calling thread gets its own execution context
-    (stream, CUDA graphs, staging buffers); all of them share the weights."""
+    """Runs an optimized graph. Thread-safe: a run takes one of the engine's execution contexts (stream,
+    CUDA graphs, staging buffers; at most ``max_contexts``, concurrent runs beyond that wait); all of
+    them share the weights."""
 
     def __init__(self, graph: Graph, manifest: "dict[str, Any] | None" = None, *,
                  device: "str | torch.device | None" = None, weights: "dict[str, torch.Tensor] | None" = None,
-                 allow_fallback: bool = False):
+                 allow_fallback: bool = False, max_contexts: int = 4):
         self.graph = graph
         self.manifest = dict(manifest or {})
         self._device = resolve_device(device)
@@ -91,7 +93,12 @@ class Engine:
                 raise FallbackError(msg + ". Rebuild the engine here with `ember build`, or accept the slower "
                                     "reference kernels with allow_fallback=True (--allow-fallback).")
             log.warning("%s", msg)
-        self._local = threading.local()
+        # the contexts Engine.run draws from: each a stream, an arena and its captured plans; a few,
+        # reused most-recent-first, whatever the number of calling threads
+        self.max_contexts = max(1, int(max_contexts))
+        self._idle: list = []
+        self._made = 0
+        self._ctx_cond = threading.Condition()
 
     # -- files ----------------------------------------------------------------------------------
     @classmethod
@@ -199,12 +206,35 @@ class Engine:
         return ExecutionContext(self, cuda_graph=cuda_graph, max_graphs=max_graphs,
                                 max_graph_bytes=max_graph_bytes, buckets=buckets)
 
-    def context(self) -> "ExecutionContext":
-        """The calling thread's execution context (made on first use): what ``run`` goes through."""
-        ctx = getattr(self._local, "ctx", None)
+    @contextlib.contextmanager
+    def _checkout(self) -> "Iterator[ExecutionContext]":
+        """A context of the engine's pool for one run: the most recently used idle one, a new one
+        while there are fewer than ``max_contexts``, else the next to come back."""
+        with self._ctx_cond:
+            while not self._idle and self._made >= self.max_contexts:
+                self._ctx_cond.wait()
+            ctx = self._idle.pop() if self._idle else None
+            if ctx is None:
+                self._made += 1
         if ctx is None:
-            ctx = self._local.ctx = self.create_execution_context()
-        return ctx
+            try:
+                ctx = self.create_execution_context()
+            except BaseException:
+                with self._ctx_cond:
+                    self._made -= 1
+                    self._ctx_cond.notify()
+                raise
+        try:
+            yield ctx
+        finally:
+            with self._ctx_cond:
+                self._idle.append(ctx)
+                self._ctx_cond.notify()
+
+    def context(self) -> "ExecutionContext":
+        """The context ``run`` would use next (the most recently used one): for reports."""
+        with self._checkout() as ctx:
+            return ctx
 
     def capture_report(self, feeds: "Mapping[str, Any] | None" = None) -> dict[str, Any]:
         """How ``run(feeds)`` executes here: one CUDA graph, or segments with the nodes that break it."""
@@ -215,7 +245,7 @@ class Engine:
         """Run on a dict of inputs (numpy arrays or torch tensors).
 
         Returns numpy arrays, or torch tensors on the engine's device when every input was a tensor.
-        On a GPU each calling thread runs through its own ExecutionContext: CUDA graphs per input
+        On a GPU each run goes through one of the engine's ExecutionContexts: CUDA graphs per input
         signature, inputs and outputs staged through reused pinned buffers.
         """
         if not isinstance(feeds, Mapping):
@@ -224,11 +254,13 @@ class Engine:
         if bool(feeds) and all(isinstance(x, torch.Tensor) for x in feeds.values()):
             if self._device.type == "cuda":
                 self._check_names(feeds)
-                return self.context().run_device({k: x.to(self._device) for k, x in feeds.items()})
+                with self._checkout() as ctx:
+                    return ctx.run_device({k: x.to(self._device) for k, x in feeds.items()})
             tensors = self._check_inputs(feeds)
             with torch.inference_mode():
                 return self._interp.run(tensors)
-        return self.context().run(feeds)
+        with self._checkout() as ctx:
+            return ctx.run(feeds)
 
     __call__ = run
 

@@ -37,20 +37,43 @@ class MathMode:
         return "tf32" if self.tf32 else "ieee fp32"
 
 
+def _new_api() -> bool:
+    """Whether the process set TF32 through torch's newer ``fp32_precision`` switches: reading the
+    legacy ``allow_tf32`` then raises (torch >= 2.9), so ember uses the same API the process does."""
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        return False
+    try:
+        m.allow_tf32  # noqa: B018  (raises when the two APIs were mixed)
+        torch.backends.cudnn.allow_tf32  # noqa: B018
+        return False
+    except RuntimeError:
+        return True
+
+
 def _read() -> tuple:
     m = torch.backends.cuda.matmul
-    return (m.allow_tf32, torch.backends.cudnn.allow_tf32, m.allow_fp16_reduced_precision_reduction,
-            m.allow_bf16_reduced_precision_reduction)
+    reduced = (m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction)
+    if _new_api():
+        return ("new", m.fp32_precision, torch.backends.cudnn.conv.fp32_precision) + reduced
+    return ("legacy", m.allow_tf32, torch.backends.cudnn.allow_tf32) + reduced
 
 
 def _write(state: tuple) -> None:
     m = torch.backends.cuda.matmul
-    m.allow_tf32, torch.backends.cudnn.allow_tf32 = state[0], state[1]
-    m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = state[2], state[3]
+    if state[0] == "new":
+        m.fp32_precision, torch.backends.cudnn.conv.fp32_precision = state[1], state[2]
+    else:
+        m.allow_tf32, torch.backends.cudnn.allow_tf32 = state[1], state[2]
+    m.allow_fp16_reduced_precision_reduction, m.allow_bf16_reduced_precision_reduction = state[3], state[4]
 
 
-def _state(mode: MathMode) -> tuple:
-    return (mode.tf32, mode.tf32, mode.reduced_precision_reduction, mode.reduced_precision_reduction)
+def _state(mode: MathMode, like: tuple) -> tuple:
+    """The switches of ``mode``, spelled in the API the process uses (``like``: what was read)."""
+    if like[0] == "new":
+        p = "tf32" if mode.tf32 else "ieee"
+        return ("new", p, p, mode.reduced_precision_reduction, mode.reduced_precision_reduction)
+    return ("legacy", mode.tf32, mode.tf32, mode.reduced_precision_reduction, mode.reduced_precision_reduction)
 
 
 class _Turns:
@@ -71,18 +94,22 @@ class _Turns:
             held[1] += 1
             return
         with self.cond:
-            if self.active != mode or self.queue:
-                self.queue.append(mode)
-                while not (self.queue[0] == mode and (self.count == 0 or self.active == mode)):
-                    self.cond.wait()
-                self.queue.remove(mode)
-            if self.count == 0:
-                if self.saved is None:
-                    self.saved = _read()
-                _write(_state(mode))
-                self.active = mode
-            self.count += 1
-            self.cond.notify_all()  # others of this mode may follow now
+            try:
+                if self.active != mode or self.queue:
+                    self.queue.append(mode)
+                    try:
+                        while not (self.queue[0] == mode and (self.count == 0 or self.active == mode)):
+                            self.cond.wait()
+                    finally:
+                        self.queue.remove(mode)
+                if self.count == 0:
+                    if self.saved is None:
+                        self.saved = _read()
+                    _write(_state(mode, self.saved))
+                    self.active = mode
+                self.count += 1
+            finally:
+                self.cond.notify_all()  # others of this mode may follow now; waiters re-check on errors
         self.local.held = [mode, 1]
 
     def exit(self) -> None:
