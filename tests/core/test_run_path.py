@@ -343,3 +343,13 @@ def test_math_modes_follow_torchs_newer_tf32_switches():
         assert m.fp32_precision == "tf32"
     finally:
         m.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_tuning_feeds_take_value_inputs_from_the_constants_they_are_compared_with(tmp_path):
+    """Silero-style: sr selects a branch; a random sr would tune and check fp16 on a branch the
+    model rejects at the other inputs' shapes."""
+    from ember.builder.profiles import opt_feeds, value_hints
+
+    eng = ember.build(_if_model(tmp_path, cond_from_value_input=True), device="cpu")
+    assert {k: int(v) for k, v in value_hints(eng.graph).items()} == {"sr": 16000}
+    assert int(opt_feeds(eng.graph, [], torch.device("cpu"))["sr"]) == 16000

@@ -94,9 +94,49 @@ def bind_static_shapes(graph: Graph, shapes: dict[str, tuple[int, ...]]) -> None
 
 
 # -- feeds ----------------------------------------------------------------------------------------
-def random_input(v: Value, shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
-    """Random data for an input: normal floats, booleans, ints in {0, 1} (valid ids, indices, lengths)."""
+_COMPARISONS = {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual"}
+_PASS_THROUGH = {"Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
+
+
+def value_hints(graph: Graph) -> dict[str, np.ndarray]:
+    """Values for the inputs whose values key a plan (small integer inputs that decide an If or a
+    shape: runtime/specialize.value_inputs), taken from the constant each is compared with, e.g.
+    Silero VAD's ``sr`` compared with 16000. Random values there would send tuning and fidelity runs
+    down a branch the model rejects at the other inputs' shapes."""
+    from ..runtime.specialize import value_inputs
+
+    hints: dict[str, np.ndarray] = {}
+    users: dict[int, list] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None:
+                users.setdefault(id(v), []).append(n)
+    for name in sorted(value_inputs(graph)):
+        v = next(x for x in graph.inputs if x.name == name)
+        frontier, seen = [v], set()
+        while frontier and name not in hints:
+            cur = frontier.pop()
+            for n in users.get(id(cur), []):
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if n.op in _PASS_THROUGH and n.inputs[0] is cur:
+                    frontier.extend(n.outputs)
+                elif n.op in _COMPARISONS:
+                    other = next((x for x in n.inputs if x is not None and x is not cur and x.is_const), None)
+                    if other is not None and np.asarray(other.data).size >= 1:
+                        hints[name] = np.asarray(other.data).reshape(-1)[0]
+                        break
+    return hints
+
+
+def random_input(v: Value, shape: tuple[int, ...], rng: np.random.Generator,
+                 hint: "np.ndarray | None" = None) -> torch.Tensor:
+    """Random data for an input: normal floats, booleans, ints in {0, 1} (valid ids, indices,
+    lengths); a ``hint`` (value_hints) fills the input instead."""
     dt = to_torch(v.dtype)
+    if hint is not None:
+        return torch.from_numpy(np.broadcast_to(np.asarray(hint), shape).copy()).to(dt)
     if v.dtype.is_float:
         return torch.from_numpy(np.asarray(rng.standard_normal(shape), dtype=np.float32)).to(dt)
     if dt == torch.bool:
@@ -109,13 +149,14 @@ def opt_feeds(graph: Graph, profiles: list[Profile], device: torch.device, which
     dims no profile covers: 1). Pass ``tuning_profiles(...)`` to cover every input."""
     rng = np.random.default_rng(0)
     opt = profiles[0] if profiles else {}
+    hints = value_hints(graph)
     feeds = {}
     for v in graph.inputs:
         if v.name in opt:
             shape = tuple(opt[v.name][which])
         else:
             shape = tuple(d if isinstance(d, int) else 1 for d in (v.shape or ()))
-        feeds[v.name] = random_input(v, shape, rng).to(device)
+        feeds[v.name] = random_input(v, shape, rng, hints.get(v.name)).to(device)
     return feeds
 
 
@@ -270,7 +311,8 @@ def _spec(shapes: dict[str, tuple[int, ...]]) -> str:
 def _try(graph: Graph, interp: Any, shapes: dict[str, tuple[int, ...]]) -> Optional[str]:
     """None if the graph runs at these shapes on the CPU, else why not (naming the failing node)."""
     rng = np.random.default_rng(0)
-    feeds = {v.name: random_input(v, shapes[v.name], rng) for v in graph.inputs}
+    hints = value_hints(graph)
+    feeds = {v.name: random_input(v, shapes[v.name], rng, hints.get(v.name)) for v in graph.inputs}
     try:
         with torch.inference_mode():
             interp.run(feeds)
