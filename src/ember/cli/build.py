@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 import click
@@ -62,6 +63,7 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
               fidelity_budget: str) -> None:
     """Build an engine from an ONNX MODEL."""
     import ember
+    from ..builder.profiles import TuningShapeWarning
 
     console = make_console(stderr=True)
     if rebuild_from:  # the options recorded in the engine's manifest take the place of the flags
@@ -75,12 +77,18 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
 
     key = load_key(sign_key) if sign_key else None  # a bad key file fails before the build, not after it
     t0 = time.perf_counter()
-    with BuildProgress(console) as progress:
+    with BuildProgress(console) as progress, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", TuningShapeWarning)
         engine = ember.build(
             model, device=device, opt_level=opt_level, debug=debug, precision=precision,
             shapes=parse_shapes(shapes), profiles=_profiles(min_shapes, opt_shapes, max_shapes),
             builder_level=builder_level, timing_cache=None if timing_cache == "none" else timing_cache,
             workspace=workspace, fidelity_budget=fidelity_budget, progress=progress)
+    for w in said:  # the builder's warnings, said as the build's own lines (not Python's warning format)
+        if issubclass(w.category, TuningShapeWarning):
+            console.print(f"[yellow]note:[/] {w.message}", highlight=False)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     out = output or os.path.splitext(model)[0] + ".engine"
     size = engine.save(out, sign_key=key)
     dt = time.perf_counter() - t0
