@@ -35,6 +35,11 @@ class StepInputs:
     logit_rows: torch.Tensor
     q_lens: list[int]
     seq_lens_host: list[int]
+    context_bound: int = 0  # a bound on every context length when the host lengths are not the real ones (graphs)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.context_bound or max(self.seq_lens_host, default=0)
 
     @property
     def decode_only(self) -> bool:
@@ -63,8 +68,8 @@ def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
                               scale: float, window: Optional[int] = None) -> torch.Tensor:
     """q: [T, heads, head_dim] -> [T, heads, head_dim]. Causal within each sequence; with ``window``, a
     query at position p sees keys at positions > p - window only (Mistral's sliding window)."""
-    if step.decode_only and window is None and step.num_seqs > 1:
-        return _decode_batched(q, k_pool, v_pool, step, scale)
+    if step.decode_only:
+        return _decode_batched(q, k_pool, v_pool, step, scale, window)
     out = torch.empty_like(q)
     start = 0
     for i, (ql, sl) in enumerate(zip(step.q_lens, step.seq_lens_host)):
@@ -89,17 +94,21 @@ def paged_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
 
 
 def _decode_batched(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: StepInputs,
-                    scale: float) -> torch.Tensor:
-    """One query per sequence: the contexts gathered into one padded batch, padding masked."""
+                    scale: float, window: Optional[int]) -> torch.Tensor:
+    """One query per sequence: the contexts gathered into one padded batch, padding masked. Reads the
+    lengths from the device tensor only (the host bound sizes the gather), so a graph can replay it."""
     B, H, D = q.shape
     kvh = k_pool.shape[2]
-    nb = blocks_needed(max(step.seq_lens_host))
+    nb = min(blocks_needed(step.max_seq_len), step.block_tables.shape[1])
     table = step.block_tables[:, :nb].long()
     k = k_pool[table].reshape(B, nb * BLOCK_SIZE, kvh, D)
     v = v_pool[table].reshape(B, nb * BLOCK_SIZE, kvh, D)
     qg = q.view(B, kvh, H // kvh, D)
     scores = torch.einsum("bkgd,blkd->bkgl", qg.float(), k.float()) * scale
-    valid = torch.arange(nb * BLOCK_SIZE, device=q.device)[None, :] < step.seq_lens[:, None]
+    kpos = torch.arange(nb * BLOCK_SIZE, device=q.device)[None, :]
+    valid = kpos < step.seq_lens[:, None]
+    if window is not None:
+        valid &= kpos >= step.seq_lens[:, None] - window
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
     o = torch.einsum("bkgl,blkd->bkgd", p, v.float())

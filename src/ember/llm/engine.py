@@ -67,6 +67,8 @@ class LLMEngine:
         self.max_blocks_per_seq = blocks_needed(self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv, self.max_blocks_per_seq, self.scheduler.max_num_seqs,
                                   cuda_graphs=opt.cuda_graphs)
+        if cuda and self.runner.graphs is not None:
+            self.runner.graphs.capture_all()  # at load, not in the first requests' steps
         self.sampler = Sampler(self.device, opt.seed)
         self.requests: dict[str, Request] = {}
         self.steps = 0
@@ -173,11 +175,12 @@ class LLMEngine:
                 rows.append(starts[-1] - 1)
         width = max(len(s.request.block_ids) for s in scheduled)
         table = [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in scheduled]
-        return StepInputs(tokens=torch.tensor(tokens, dtype=torch.long), positions=torch.tensor(positions),
-                          slots=torch.tensor(slots), block_tables=torch.tensor(table, dtype=torch.int32),
+        long = torch.long
+        return StepInputs(tokens=torch.tensor(tokens, dtype=long), positions=torch.tensor(positions, dtype=long),
+                          slots=torch.tensor(slots, dtype=long), block_tables=torch.tensor(table, dtype=torch.int32),
                           seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-                          query_starts=torch.tensor(starts, dtype=torch.int32), logit_rows=torch.tensor(rows),
-                          q_lens=q_lens, seq_lens_host=seq_lens)
+                          query_starts=torch.tensor(starts, dtype=torch.int32),
+                          logit_rows=torch.tensor(rows, dtype=long), q_lens=q_lens, seq_lens_host=seq_lens)
 
     def _append(self, req: Request, token: int, lp: Any, now: float) -> RequestOutput:
         p = req.params

@@ -26,13 +26,15 @@ BLOCK_SIZE = 16
 
 
 class KVCache:
-    """The engine's KV pools: one allocation each for keys and values, all layers."""
+    """The engine's KV pools: one allocation each for keys and values, all layers. One block more than the
+    block manager hands out: the scratch block, where the padding rows of a captured decode graph write."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, dtype: torch.dtype, device: "torch.device | str"):
-        shape = (cfg.num_layers, num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, num_blocks + 1, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
 
     @property
     def nbytes(self) -> int:

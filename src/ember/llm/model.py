@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .attention import StepInputs, write_kv
+from .attention import StepInputs
 from .config import ModelConfig
 from .errors import CheckpointError
 from .kernels import dispatch
@@ -63,9 +63,8 @@ class Transformer:
         residual: Optional[torch.Tensor] = None
         for i, layer in enumerate(self.layers):
             h, residual = dispatch.rms_norm(x, layer.attention_norm, cfg.rms_norm_eps, residual)
-            q, k, v = dispatch.qkv_rope(linear(h, layer.wqkv), step.positions, self.rope, cfg.num_heads,
-                                        cfg.num_kv_heads, cfg.head_dim)
-            write_kv(kv.k[i], kv.v[i], k, v, step.slots)
+            q = dispatch.qkv_rope_cache(linear(h, layer.wqkv), step.positions, self.rope, step.slots, kv.k[i],
+                                        kv.v[i], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
             attn = dispatch.attention(q, kv.k[i], kv.v[i], step, self.scale, cfg.sliding_window)
             x = linear(attn.reshape(attn.shape[0], cfg.q_size), layer.wo)
             h, residual = dispatch.rms_norm(x, layer.ffn_norm, cfg.rms_norm_eps, residual)

@@ -56,14 +56,16 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def qkv_rope(qkv: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, num_heads: int, num_kv_heads: int,
-             head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split the fused QKV projection [T, (H + 2 KVH) * D] into q [T, H, D], k, v [T, KVH, D], with RoPE
-    applied to q and k at ``positions`` (``rope``: [max_pos, 2, D / 2] cos/sin, fp32)."""
+def qkv_rope_cache(qkv: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
+                   k_pool: torch.Tensor, v_pool: torch.Tensor, num_heads: int, num_kv_heads: int,
+                   head_dim: int) -> torch.Tensor:
+    """From the fused QKV projection [T, (H + 2 KVH) * D]: q [T, H, D] with RoPE applied at ``positions``
+    (``rope``: [max_pos, 2, D / 2] cos/sin, fp32); k (with RoPE) and v written at ``slots`` of the pools."""
     if use_triton(qkv):
-        from .rope import qkv_rope as triton_qkv_rope
+        from .rope import qkv_rope_cache as triton_qkv_rope_cache
 
-        return triton_qkv_rope(qkv, positions, rope, num_heads, num_kv_heads, head_dim)
+        return triton_qkv_rope_cache(qkv, positions, rope, slots, k_pool, v_pool, num_heads, num_kv_heads, head_dim)
+    from ..attention import write_kv
     from ..rope import apply_rope
 
     T = qkv.shape[0]
@@ -72,7 +74,8 @@ def qkv_rope(qkv: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, num
     cos, sin = cs[:, 0], cs[:, 1]
     q = apply_rope(q.reshape(T, num_heads, head_dim), cos, sin)
     k = apply_rope(k.reshape(T, num_kv_heads, head_dim), cos, sin)
-    return q, k, v.reshape(T, num_kv_heads, head_dim)
+    write_kv(k_pool, v_pool, k, v.reshape(T, num_kv_heads, head_dim), slots)
+    return q
 
 
 def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: "StepInputs", scale: float,
