@@ -23,7 +23,7 @@ import torch
 from ..ir.dtypes import DType
 from ..ir.graph import Graph
 from ..ir.verify import verify
-from ..ops import known_ops
+from ..ops import get, known_ops
 from ..ops.torch_types import to_torch
 from ..passes.rewrite import PassContext, remove_unused_initializers
 from . import fidelity as fid
@@ -34,7 +34,6 @@ from .tuner import TimingCache, TuneReport, select_tactics
 log = logging.getLogger(__name__)
 SEARCH_ROUNDS = 3  # search, rebuild, measure the engine: this many times, then every layer fp32
 VERIFY_RUNS = 4  # runs a search may take past its budget, to check segments kept without splitting
-RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial"}
 
 
 @dataclass
@@ -76,7 +75,7 @@ def build_low_precision(graph32: Graph, low: DType, device: torch.device, feeds:
             lower()
     checked = None
     if budget is not None:
-        random_ops = sorted({n.op for n in graph32.all_nodes() if n.op in RANDOM_OPS})
+        random_ops = sorted({n.op for n in graph32.all_nodes() if n.op in known_ops() and get(n.op).random})
         if random_ops:  # two runs draw different numbers: no distance between them means anything
             checked = {"budget": budget, "skipped": f"the model draws random numbers ({', '.join(random_ops)})"}
         else:

@@ -1,154 +1,19 @@
-"""Reduced precision: store activations and weights in fp16/bf16 where that is safe.
+"""Reduced precision in the builder: which layers a reduced-precision engine keeps in fp32 for speed.
 
-Each node gets a compute type: low (fp16/bf16) for ops whose kernels accumulate in fp32 anyway
-(GEMM, conv, attention, norms, softmax, pointwise math, layout ops), fp32 for the rest (sums and
-products that can overflow fp16, Pow, anything not listed). Float inputs are cast to the node's
-compute type where they differ (constants are converted once at build time); engine inputs and
-outputs keep the dtypes the model declares. Like autocast, but decided once, visible in the graph.
+The conversion itself is a rule set of the pass pipeline (passes/precision.py: each op's compute
+type comes from its definition); this module weighs the tuner's timings of each layer in both
+precisions, casts included (:func:`choose_fp32_for_speed`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
-import numpy as np
 
-from ..ir.dtypes import DType, to_numpy
+from ..ir.dtypes import DType
 from ..ir.graph import Graph, Node, Value
-from ..ops import get
-
-ALL = None  # every float input is data
-# op -> positions of float inputs computed in low precision (ALL: every input)
-LOW_PRECISION_OPS: dict[str, "tuple[int, ...] | None"] = {
-    "Conv": ALL, "ConvTranspose": ALL, "ember.Conv": ALL, "ember.Gemm": ALL, "MatMul": ALL, "Gemm": ALL,
-    "Attention": (0, 1, 2, 3, 4, 5), "LayerNormalization": ALL, "RMSNormalization": ALL,
-    "BatchNormalization": ALL, "InstanceNormalization": ALL, "GroupNormalization": ALL,
-    "Softmax": ALL, "LogSoftmax": ALL, "MaxPool": (0,), "AveragePool": (0,), "GlobalAveragePool": ALL,
-    "GlobalMaxPool": ALL, "Reshape": (0,), "Transpose": ALL, "Flatten": ALL, "Squeeze": (0,), "Unsqueeze": (0,),
-    "Concat": ALL, "Split": (0,), "Slice": (0,), "Gather": (0,), "GatherElements": (0,), "Expand": (0,),
-    "Tile": (0,), "Pad": (0, 2), "Identity": ALL, "Resize": (0,), "Where": (1, 2), "ReduceMean": (0,),
-    "ReduceMax": (0,), "ReduceMin": (0,), "DepthToSpace": ALL, "SpaceToDepth": ALL, "RotaryEmbedding": (0, 1, 2),
-    "ArgMax": ALL, "ArgMin": ALL, "TopK": (0,),
-}
-KEEP_FP32 = {"Pow", "ReduceSum", "ReduceSumSquare", "ReduceProd", "ReduceL2", "ReduceLogSumExp", "CumSum",
-             "Exp"}  # overflow-prone: their inputs and outputs stay fp32
-
-
-def _low_positions(node: Node) -> "set[int] | None":
-    """Input positions computed in low precision, or None if the node stays fp32."""
-    if node.op in KEEP_FP32:
-        return None
-    if node.op in LOW_PRECISION_OPS:
-        pos = LOW_PRECISION_OPS[node.op]
-        return set(range(len(node.inputs))) if pos is None else set(pos)
-    if get(node.op).kind == "pointwise":
-        return set(range(len(node.inputs)))
-    return None
-
-
-@dataclass(frozen=True)
-class KeptLayer:
-    """A float node that computes in fp32 in a reduced-precision engine, and why."""
-
-    node: str
-    op: str
-    reason: str  # "accuracy" | "speed" | "op" | "control flow"
-    detail: str = ""  # what was measured or which rule applied
-
-    def __str__(self) -> str:
-        return f"{self.node} ({self.op}): {self.reason}" + (f", {self.detail}" if self.detail else "")
-
+from ..passes.precision import KeptLayer, convert_precision, lowerable, source_name  # noqa: F401  (re-exported)
 
 OP_REASONS = {"op": "its op stays fp32 (overflow-prone or no low-precision rule)",
               "control flow": "If/Loop/Scan bodies stay fp32"}
-
-
-def convert_precision(graph: Graph, low: DType, keep: "dict[str, tuple[str, str]] | None" = None) -> list[KeptLayer]:
-    """Rewrite ``graph`` for ``low`` (FLOAT16 or BFLOAT16). ``keep``: node name -> (reason, detail)
-    for nodes to compute in fp32 although their op could run in ``low`` (the fidelity check's and
-    the tuner's choices). Returns every float node that stays fp32. Casts it inserts carry
-    ``meta["precision_cast"]`` (the tuner and the fidelity check see through them)."""
-    keep = keep or {}
-    casts: dict[tuple[int, DType], Value] = {}
-    new_nodes: list[Node] = []
-    kept_fp32: list[KeptLayer] = []
-    counter = [0]
-
-    def cast(v: Value, to: DType) -> Value:
-        key = (id(v), to)
-        if key in casts:
-            return casts[key]
-        if v.is_const:
-            c = graph.add_const(f"{v.name}:{to.value}", np.asarray(v.data).astype(to_numpy(to)))
-            casts[key] = c
-            return c
-        counter[0] += 1
-        out = Value(f"{v.name}:{to.value}", to, v.shape)
-        n = Node("Cast", [v], [out], {"to": _onnx_code(to)}, name=f"cast_{counter[0]}_{v.name}",
-                 meta={"precision_cast": True})
-        out.producer = n
-        new_nodes.append(n)
-        casts[key] = out
-        return out
-
-    declared = {id(v): v.dtype for v in graph.outputs}
-    for node in graph.nodes:
-        if node.op in ("Cast", "CastLike", "Shape", "Size"):  # type-agnostic: leave as they are
-            new_nodes.append(node)
-            continue
-        nested = any(node.subgraphs())
-        low_pos = _low_positions(node) if not nested and node.name not in keep else None
-        float_in = [i for i, v in enumerate(node.inputs) if v is not None and v.dtype is not None and v.dtype.is_float]
-        if low_pos is None:
-            # fp32 node: bring low-precision inputs back to fp32
-            for i in float_in:
-                v = node.inputs[i]
-                if v.dtype == low:
-                    node.inputs[i] = cast(v, DType.FLOAT32)
-            if float_in:
-                reason, detail = keep.get(node.name) or (("control flow", "") if nested else ("op", ""))
-                kept_fp32.append(KeptLayer(node.name, node.op, reason, detail))
-        else:
-            for i in float_in:
-                v = node.inputs[i]
-                want = low if i in low_pos and v.dtype == DType.FLOAT32 else (
-                    DType.FLOAT32 if i not in low_pos and v.dtype == low else v.dtype)
-                if want != v.dtype:
-                    node.inputs[i] = cast(v, want)
-            if any(node.inputs[i] is not None and node.inputs[i].dtype == low for i in float_in):
-                for o in node.outputs:
-                    if o.dtype == DType.FLOAT32:
-                        o.dtype = low
-        new_nodes.append(node)
-    # engine outputs keep their declared dtype
-    outputs = []
-    for v in graph.outputs:
-        if v.dtype != declared[id(v)] and v.producer is not None:
-            counter[0] += 1
-            orig = Value(v.name, declared[id(v)], v.shape)
-            v.name = f"{v.name}:{low.value}"
-            n = Node("Cast", [v], [orig], {"to": _onnx_code(orig.dtype)}, name=f"cast_out_{counter[0]}",
-                     meta={"precision_cast": True})
-            orig.producer = n
-            new_nodes.append(n)
-            outputs.append(orig)
-        else:
-            outputs.append(v)
-    graph.nodes = new_nodes
-    graph.outputs = outputs
-    return kept_fp32
-
-
-def lowerable(graph: Graph) -> list[str]:
-    """Names of the nodes convert_precision would compute in low precision, in graph order: the
-    ones a fidelity or speed choice may keep in fp32."""
-    out = []
-    for node in graph.nodes:
-        if node.op in ("Cast", "CastLike", "Shape", "Size") or any(node.subgraphs()):
-            continue
-        if _low_positions(node) is not None and any(
-                v is not None and v.dtype is not None and v.dtype.is_float for v in node.inputs):
-            out.append(node.name)
-    return out
 
 
 # fp32 must be this much faster than the node as built (casts included) to be chosen: timings of
@@ -225,21 +90,7 @@ def choose_fp32_for_speed(graph: Graph, node_ms: dict[str, tuple[float, float]],
     return {n: f"fp32 {node_ms[n][1] * 1e3:.1f} us vs {node_ms[n][0] * 1e3:.1f} us as built" for n in sorted(chosen)}
 
 
-def source_name(name: str) -> str:
-    """The value a precision cast or a renamed output came from: 'x:float16' -> 'x'."""
-    for dt in (DType.FLOAT16, DType.BFLOAT16, DType.FLOAT32):
-        if name.endswith(":" + dt.value):
-            return name[: -len(dt.value) - 1]
-    return name
-
-
 def _is_fp32_compute(node: Node) -> bool:
     """A node that reads float inputs and none in low precision."""
     fl = [v for v in node.inputs if v is not None and v.dtype is not None and v.dtype.is_float]
     return bool(fl) and all(v.dtype == DType.FLOAT32 for v in fl)
-
-
-def _onnx_code(dt: DType) -> int:
-    from ..ir.dtypes import DTYPE_TO_ONNX
-
-    return DTYPE_TO_ONNX[dt]

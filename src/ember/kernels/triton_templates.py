@@ -49,16 +49,8 @@ def _jit(fn: Callable) -> Callable:
 
 
 # -- epilogue -----------------------------------------------------------------------------------------
-# activation name -> (kernel code, the attribute keys it reads); codes are the kernel's ACT constexpr
-_ACTIVATIONS: dict[str, tuple[int, tuple[str, ...]]] = {
-    "": (0, ()), "Relu": (1, ()), "Gelu": (2, ("approximate",)), "Sigmoid": (4, ()), "Tanh": (5, ()),
-    "LeakyRelu": (6, ("alpha",)), "Swish": (7, ("alpha",)), "HardSwish": (8, ()),
-    "HardSigmoid": (9, ("alpha", "beta")), "Elu": (10, ("alpha",)), "Clip": (11, ("min", "max")),
-    "Softplus": (12, ()), "Mish": (13, ()),
-}
-_GELU_TANH = 3
-
-
+# Each activation's ACT code and parameters are stated on its op (OpDef.epilogue, ember.ops); the
+# codes are the cases of _activation below (3 is Gelu's tanh form, chosen by its attributes).
 def activation_code(act: str, keys: Optional[list], values: Optional[list]) -> Optional[tuple[int, float, float]]:
     """(ACT code, p0, p1) for the kernel, or None when the activation or one of its attributes is not supported."""
     try:  # cached: the run functions ask on every call
@@ -69,27 +61,18 @@ def activation_code(act: str, keys: Optional[list], values: Optional[list]) -> O
 
 @functools.lru_cache(maxsize=256)
 def _activation_code(act: str, keys: tuple, values: tuple) -> Optional[tuple[int, float, float]]:
-    spec = _ACTIVATIONS.get(act)
+    from ..ops import get, known_ops
+
     a = dict(zip(keys, values))
-    if spec is None or any(k not in spec[1] for k in a):
+    if not act:
+        return None if a else (0, 0.0, 0.0)
+    spec = get(act).epilogue if act in known_ops() else None
+    if spec is None or any(k not in spec.attrs for k in a):
         return None
-    code = spec[0]
     try:
-        if act == "Gelu":
-            approx = a.get("approximate", "none")
-            if approx not in ("none", "tanh"):
-                return None
-            return (_GELU_TANH if approx == "tanh" else code), 0.0, 0.0
-        if act == "Clip":
-            lo, hi = a.get("min"), a.get("max")
-            return code, (-float("inf") if lo is None else float(lo)), (float("inf") if hi is None else float(hi))
-        if act == "HardSigmoid":
-            return code, float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
-        if act in ("LeakyRelu", "Swish", "Elu"):
-            return code, float(a.get("alpha", 0.01 if act == "LeakyRelu" else 1.0)), 0.0
+        return spec.kernel_params(a)
     except (TypeError, ValueError):
         return None
-    return code, 0.0, 0.0
 
 
 @_jit

@@ -25,10 +25,18 @@ def _conv_geometry(node: Node) -> "tuple[list[int], list[int], list[int]] | None
     return list(a.get("strides") or [1, 1]), pads[:2], list(a.get("dilations") or [1, 1])
 
 
+def _vendor_conv_activation(act: str) -> bool:
+    """An epilogue cuDNN conv tactics take (as one torch kernel after the conv): OpDef.epilogue.vendor_conv."""
+    if not act:
+        return True
+    from ..ops import get, known_ops
+
+    return act in known_ops() and get(act).epilogue is not None and get(act).epilogue.vendor_conv
+
+
 def _is_cuda_conv(node: Node, device: torch.device) -> bool:
     return device.type == "cuda" and _conv_geometry(node) is not None and \
-        (node.op == "Conv" or node.attrs.get("activation", "") in ("", "Relu", "Clip", "Sigmoid", "HardSwish",
-                                                                     "LeakyRelu", "Gelu", "Tanh", "Swish"))
+        (node.op == "Conv" or _vendor_conv_activation(node.attrs.get("activation", "")))
 
 
 def _channels_last_weights(node: Node, consts: dict[str, torch.Tensor]) -> dict[int, tuple[str, torch.Tensor]]:
@@ -183,19 +191,13 @@ def sdpa_attention(args: list, attrs: dict, ctx: Any) -> Any:
 
 # -- epilogue activations as single torch kernels (fp16/bf16 in, fp32 math inside) -------------------
 def fast_activation(y: torch.Tensor, act: str, keys: Any, values: Any) -> "torch.Tensor | None":
-    """One-kernel activation for the common cases, or None to use the reference function."""
-    attrs = dict(zip(keys or [], values or []))
-    if act == "Relu":
-        return torch.relu_(y)
-    if act == "Gelu":
-        return F.gelu(y, approximate="tanh" if attrs.get("approximate") == "tanh" else "none")
-    if act == "Sigmoid":
-        return torch.sigmoid_(y)
-    if act == "Tanh":
-        return torch.tanh_(y)
-    if act == "Swish" and attrs.get("alpha", 1.0) == 1.0:
-        return F.silu(y, inplace=True)
-    return None
+    """One-kernel activation (the op's OpDef.epilogue.torch), or None to use the reference function."""
+    from ..ops import get, known_ops
+
+    spec = get(act).epilogue if act in known_ops() else None
+    if spec is None or spec.torch is None:
+        return None
+    return spec.torch(y, dict(zip(keys or [], values or [])))
 
 
 def vendor_epilogue(y: torch.Tensor, residual: Any, act: str, keys: Any, values: Any, after: int) -> torch.Tensor:

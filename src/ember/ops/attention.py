@@ -101,7 +101,7 @@ def _safe_softmax(x: torch.Tensor, rnd=None, storage: Optional[torch.dtype] = No
     return rnd(e / torch.where(s == 0, torch.ones_like(s), s))
 
 
-@op("Attention", kind="anchor")
+@op("Attention", kind="anchor", low_precision=("Q", "K", "V", "attn_mask", "past_key", "past_value"))
 def attention(Q, K, V, attn_mask=None, past_key=None, past_value=None, nonpad_kv_seqlen=None, *,
               is_causal: int = 0, kv_num_heads: Optional[int] = None, q_num_heads: Optional[int] = None,
               qk_matmul_output_mode: int = 0, scale: Optional[float] = None, softcap: float = 0.0,
@@ -220,7 +220,7 @@ def _attention_shape(node: Node) -> list[TypeInfo]:
     return out[: len(node.outputs)]
 
 
-@op("RotaryEmbedding", kind="other")
+@op("RotaryEmbedding", kind="other", low_precision=("X", "cos_cache", "sin_cache"))
 def rotary_embedding(X, cos_cache, sin_cache, position_ids=None, *, interleaved: int = 0,
                      num_heads: int = 0, rotary_embedding_dim: int = 0):
     """RoPE on (B, H, S, D) or (B, S, H*D) input; rotates the first rotary_embedding_dim features."""

@@ -31,7 +31,7 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (ndim - 2))) if t.numel() > 1 else t.reshape(())
 
 
-@op("Conv", kind="anchor")
+@op("Conv", kind="anchor", low_precision="all")
 def conv(x, w, b=None, *, auto_pad: str = "NOTSET", dilations: list = None, group: int = 1,
          kernel_shape: list = None, pads: list = None, strides: list = None):
     ct = compute_dtype(x)
@@ -71,7 +71,7 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
     return y.clamp(info.min, info.max).to(y_zero_point.dtype)
 
 
-@op("ConvTranspose", kind="anchor")
+@op("ConvTranspose", kind="anchor", low_precision="all")
 def conv_transpose(x, w, b=None, *, auto_pad: str = "NOTSET", dilations: list = None, group: int = 1,
                    kernel_shape: list = None, output_padding: list = None, output_shape: list = None,
                    pads: list = None, strides: list = None):
@@ -165,7 +165,7 @@ def deform_conv(x, w, offset, b=None, mask=None, *, dilations: list = None, grou
 
 
 # -- Col2Im ---------------------------------------------------------------------------------------
-@op("Col2Im", kind="other")
+@op("Col2Im", kind="other", host_inputs=("image_shape", "block_shape"))
 def col2im(x, image_shape, block_shape, *, dilations: list = None, pads: list = None, strides: list = None):
     img = [int(v) for v in image_shape.tolist()]
     blk = [int(v) for v in block_shape.tolist()]

@@ -13,7 +13,8 @@ import torch
 
 from ..ir.dtypes import DType
 from .infer import broadcast_rule, same_as_input
-from .registry import op, shape_rule
+from .lowering import Builder, Operand, Unsupported, binary, fnum, need, present, template, zero
+from .registry import FP32, Epilogue, op, shape_rule
 
 WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 HALF_FLOATS = (torch.float16, torch.bfloat16)
@@ -69,23 +70,28 @@ def _wide_binary(fn: Callable, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 
 # -- unary ----------------------------------------------------------------------------------------
-def _unary(name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def _unary(name: str, fn: Callable[[torch.Tensor], torch.Tensor], **facts) -> None:
     def ref(x):
         return fn(x)
     ref.__name__ = name.lower()
     ref.__doc__ = f"ONNX {name}."
-    op(name, kind="pointwise")(ref)
+    op(name, kind="pointwise", **facts)(ref)
     shape_rule(name)(same_as_input(0))
 
 
-for _name, _fn in {
-    "Exp": torch.exp, "Log": torch.log, "Sqrt": torch.sqrt, "Erf": torch.erf,
-    "Sin": torch.sin, "Cos": torch.cos, "Tan": torch.tan, "Asin": torch.asin, "Acos": torch.acos,
-    "Atan": torch.atan, "Sinh": torch.sinh, "Cosh": torch.cosh, "Asinh": torch.asinh,
-    "Acosh": torch.acosh, "Atanh": torch.atanh, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid,
-    "Reciprocal": torch.reciprocal,
+# op -> reference, fused-kernel template ({0}: the operand, in fp32)
+for _name, (_fn, _tl) in {
+    "Exp": (torch.exp, "tl.exp({0})"), "Log": (torch.log, "tl.log({0})"), "Sqrt": (torch.sqrt, "tl.sqrt({0})"),
+    "Erf": (torch.erf, "tl.erf({0})"), "Sin": (torch.sin, "tl.sin({0})"), "Cos": (torch.cos, "tl.cos({0})"),
+    "Tan": (torch.tan, None), "Asin": (torch.asin, None), "Acos": (torch.acos, None), "Atan": (torch.atan, None),
+    "Sinh": (torch.sinh, None), "Cosh": (torch.cosh, None), "Asinh": (torch.asinh, None),
+    "Acosh": (torch.acosh, None), "Atanh": (torch.atanh, None), "Tanh": (torch.tanh, "tm.tanh({0})"),
+    "Sigmoid": (torch.sigmoid, "tl.sigmoid({0})"), "Reciprocal": (torch.reciprocal, "(1.0 / {0})"),
 }.items():
-    _unary(_name, float_math(_fn))
+    # Exp overflows fp16 past 11: its inputs and output stay fp32 in reduced-precision engines
+    _unary(_name, float_math(_fn), triton=_tl, low_precision=FP32 if _name == "Exp" else None,
+           epilogue={"Sigmoid": Epilogue(4, torch=lambda y, a: torch.sigmoid_(y), vendor_conv=True),
+                     "Tanh": Epilogue(5, torch=lambda y, a: torch.tanh_(y), vendor_conv=True)}.get(_name))
 
 
 def _abs(x):
@@ -109,22 +115,42 @@ def _keep_ints(fn):
     return lambda x: x if not x.is_floating_point() else fn(x)
 
 
-for _name, _fn in {
-    "Abs": _abs, "Neg": _neg, "Sign": _sign,
-    "Ceil": _keep_ints(torch.ceil), "Floor": _keep_ints(torch.floor),
-    "Round": _keep_ints(torch.round),  # torch.round rounds half to even, as ONNX asks
-    "Not": torch.logical_not,
-    "BitwiseNot": lambda x: restore(torch.bitwise_not(as_computable(x)), x.dtype),
+def signed_unary(b: Builder, node, args: list) -> Operand:
+    """Relu, Abs, Neg and Sign on floats or integers (the zero literal follows the kind)."""
+    xs = present(args)
+    need(node, xs, "fi")
+    x = xs[0]
+    z = zero(x.kind)
+    t = {"Relu": f"tl.where({{0}} < {z}, {z}, {{0}})", "Abs": "tl.abs({0})", "Neg": "(-{0})",
+         "Sign": f"tl.where({{0}} > {z}, 1, tl.where({{0}} < {z}, -1, 0)).to({{0}}.dtype)"}[node.op]
+    if node.op == "Sign" and x.kind == "f":  # NaN stays NaN, as torch.sign keeps it
+        t = "tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, {0}))"
+    return b.fmt(t, x.kind, x)
+
+
+for _name, (_fn, _tl) in {
+    "Abs": (_abs, signed_unary), "Neg": (_neg, signed_unary), "Sign": (_sign, signed_unary),
+    "Ceil": (_keep_ints(torch.ceil), "tl.ceil({0})"), "Floor": (_keep_ints(torch.floor), "tl.floor({0})"),
+    "Round": (_keep_ints(torch.round), None),  # torch.round rounds half to even, as ONNX asks
+    "Not": (torch.logical_not, template("({0} == 0)", kinds="b", out="b")),
+    "BitwiseNot": (lambda x: restore(torch.bitwise_not(as_computable(x)), x.dtype), None),
 }.items():
-    _unary(_name, _fn)
+    _unary(_name, _fn, triton=_tl)
 
 
-@op("IsNaN", kind="pointwise")
+@op("IsNaN", kind="pointwise", triton=template("({0} != {0})", out="b"))
 def is_nan(x):
     return torch.isnan(x)
 
 
-@op("IsInf", kind="pointwise")
+def _is_inf_lowering(attrs: dict) -> str:
+    neg, pos = attrs.get("detect_negative", 1), attrs.get("detect_positive", 1)
+    if neg and pos:
+        return '(tl.abs({0}) == float("inf"))'
+    return "({0} == float(\"" + ("-inf" if neg else "inf" if pos else "nan") + "\"))"
+
+
+@op("IsInf", kind="pointwise", triton=template(_is_inf_lowering, out="b"))
 def is_inf(x, *, detect_negative: int = 1, detect_positive: int = 1):
     if detect_negative and detect_positive:
         return torch.isinf(x)
@@ -136,22 +162,22 @@ def is_inf(x, *, detect_negative: int = 1, detect_positive: int = 1):
 
 
 # -- binary arithmetic ----------------------------------------------------------------------------
-@op("Add", kind="pointwise")
+@op("Add", kind="pointwise", triton=binary("+"))
 def add(a, b):
     return _wide_binary(torch.add, a, b) if a.dtype in WIDE_UNSIGNED else a + b
 
 
-@op("Sub", kind="pointwise")
+@op("Sub", kind="pointwise", triton=binary("-"))
 def sub(a, b):
     return _wide_binary(torch.sub, a, b) if a.dtype in WIDE_UNSIGNED else a - b
 
 
-@op("Mul", kind="pointwise")
+@op("Mul", kind="pointwise", triton=binary("*"))
 def mul(a, b):
     return _wide_binary(torch.mul, a, b) if a.dtype in WIDE_UNSIGNED else a * b
 
 
-@op("Div", kind="pointwise")
+@op("Div", kind="pointwise", triton=binary("/", kinds="f"))  # integer division truncates: the reference's
 def div(a, b):
     if a.is_floating_point():
         return a / b
@@ -196,7 +222,22 @@ def mod(a, b, *, fmod: int = 0):
     return r.to(dt)
 
 
-@op("Pow", kind="pointwise")
+def _pow_lowering(b: Builder, node, args: list) -> Operand:
+    x, y = args[0], args[1]
+    need(node, [x], "f")
+    if not y.var:  # constant exponent: the common cases as products, others through exp/log
+        e = float(y.text.replace('float("', "").replace('")', ""))
+        special = {1.0: "{0}", 2.0: "({0} * {0})", 3.0: "({0} * {0} * {0})", 0.5: "tl.sqrt({0})",
+                   -1.0: "(1.0 / {0})", -0.5: "(1.0 / tl.sqrt({0}))", 0.0: "(tl.zeros_like({0}) + 1.0)"}
+        if e in special:
+            return b.fmt(special[e], "f", x)
+        return b.fmt("tm.pow({0}, " + fnum(e) + ")", "f", x)
+    yf = y if y.kind == "f" else b.fmt("{0}.to(tl.float32)", "f", y)
+    return b.fmt("tm.pow({0}, {1})", "f", x, yf)
+
+
+# overflow-prone in fp16 (x**2 of an activation past 256): fp32 in reduced-precision engines
+@op("Pow", kind="pointwise", triton=_pow_lowering, low_precision=FP32)
 def pow_(x, y):
     """The output has the base's dtype, whatever the exponent's."""
     if x.is_floating_point():
@@ -243,12 +284,14 @@ def _bitwise(fn):
     return run
 
 
+_LOGIC = {"And": "&", "Or": "|", "Xor": "^"}
 for _name, _fn in {"BitwiseAnd": torch.bitwise_and, "BitwiseOr": torch.bitwise_or,
                    "BitwiseXor": torch.bitwise_xor, "And": torch.logical_and, "Or": torch.logical_or,
                    "Xor": torch.logical_xor}.items():
     _f = _bitwise(_fn)
     _f.__name__ = _name.lower()
-    op(_name, kind="pointwise")(_f)
+    _tl = template("({0} " + _LOGIC[_name] + " {1})", kinds="b", out="b") if _name in _LOGIC else None
+    op(_name, kind="pointwise", triton=_tl)(_f)
 
 
 # -- comparison -----------------------------------------------------------------------------------
@@ -260,11 +303,20 @@ def _compare(fn):
     return run
 
 
-for _name, _fn in {"Equal": torch.eq, "Greater": torch.gt, "GreaterOrEqual": torch.ge,
-                   "Less": torch.lt, "LessOrEqual": torch.le}.items():
+def _compare_lowering(symbol: str):
+    def lower(b: Builder, node, args: list) -> Operand:
+        x, y = present(args)
+        if x.kind != y.kind or x.kind == "b" and node.op != "Equal":
+            raise Unsupported(f"node '{node.name}' ({node.op}): inputs of different kinds")
+        return b.fmt("({0} " + symbol + " {1})", "b", x, y)
+    return lower
+
+
+for _name, (_fn, _sym) in {"Equal": (torch.eq, "=="), "Greater": (torch.gt, ">"), "GreaterOrEqual": (torch.ge, ">="),
+                           "Less": (torch.lt, "<"), "LessOrEqual": (torch.le, "<=")}.items():
     _f = _compare(_fn)
     _f.__name__ = _name.lower()
-    op(_name, kind="pointwise")(_f)
+    op(_name, kind="pointwise", triton=_compare_lowering(_sym))(_f)
     shape_rule(_name)(broadcast_rule(DType.BOOL))
 
 
@@ -277,17 +329,36 @@ def _fold(fn, xs):
     return unordered(acc, dt)
 
 
-@op("Max", kind="pointwise")
+def _variadic_lowering(b: Builder, node, args: list) -> Operand:
+    """Max, Min, Sum and Mean as a chain of binary operations (NaN propagates through Max and Min)."""
+    op_ = node.op
+    xs = present(args)
+    need(node, xs, "fi" if op_ != "Mean" else "f")
+    if len({x.kind for x in xs}) != 1:
+        raise Unsupported(f"node '{node.name}' ({op_}): inputs of different kinds")
+    acc = xs[0]
+    for x in xs[1:]:
+        if op_ in ("Max", "Min"):
+            nan = ", propagate_nan=tl.PropagateNan.ALL" if x.kind == "f" else ""
+            acc = b.fmt(f"tl.{'maximum' if op_ == 'Max' else 'minimum'}({{0}}, {{1}}{nan})", x.kind, acc, x)
+        else:
+            acc = b.fmt("({0} + {1})", x.kind, acc, x)
+    if op_ == "Mean":
+        acc = b.fmt("({0} / " + fnum(len(xs)) + ")", "f", acc)
+    return acc if acc.var else b.fmt("({0})", acc.kind, acc)
+
+
+@op("Max", kind="pointwise", triton=_variadic_lowering)
 def max_(*xs):
     return _fold(torch.maximum, xs)
 
 
-@op("Min", kind="pointwise")
+@op("Min", kind="pointwise", triton=_variadic_lowering)
 def min_(*xs):
     return _fold(torch.minimum, xs)
 
 
-@op("Sum", kind="pointwise")
+@op("Sum", kind="pointwise", triton=_variadic_lowering)
 def sum_(*xs):
     dt = xs[0].dtype
     acc = as_computable(xs[0])
@@ -296,7 +367,7 @@ def sum_(*xs):
     return restore(acc, dt)
 
 
-@op("Mean", kind="pointwise")
+@op("Mean", kind="pointwise", triton=_variadic_lowering)
 def mean(*xs):
     acc = xs[0]
     for x in xs[1:]:
@@ -304,14 +375,39 @@ def mean(*xs):
     return acc / len(xs)
 
 
-@op("Where", kind="pointwise")
+def _where_lowering(b: Builder, node, args: list) -> Operand:
+    c, x, y = present(args)
+    if c.kind != "b" or x.kind != y.kind:
+        raise Unsupported(f"node '{node.name}' (Where): condition must be bool and branches of one kind")
+    return b.fmt("tl.where({0}, {1}, {2})", x.kind, c, x, y)
+
+
+@op("Where", kind="pointwise", triton=_where_lowering, low_precision=("x", "y"))
 def where(condition, x, y):
     if x.dtype in WIDE_UNSIGNED:
         return restore(torch.where(condition, as_computable(x), as_computable(y)), x.dtype)
     return torch.where(condition, x, y)
 
 
-@op("Clip", kind="pointwise")
+def _clip_lowering(b: Builder, node, args: list) -> Operand:
+    x, lo, hi = (list(args) + [None, None])[:3]
+    need(node, [x], "fi")
+    nan = ", propagate_nan=tl.PropagateNan.ALL" if x.kind == "f" else ""
+    out = x
+    if lo is not None:
+        out = b.fmt("tl.maximum({0}, {1}" + nan + ")", x.kind, out, lo)
+    if hi is not None:
+        out = b.fmt("tl.minimum({0}, {1}" + nan + ")", x.kind, out, hi)
+    return out if out.var else b.fmt("({0})", x.kind, out)
+
+
+def _clip_params(attrs: dict) -> tuple[int, float, float]:
+    lo, hi = attrs.get("min"), attrs.get("max")
+    return 11, (-float("inf") if lo is None else float(lo)), (float("inf") if hi is None else float(hi))
+
+
+@op("Clip", kind="pointwise", triton=_clip_lowering,
+    epilogue=Epilogue(11, ("min", "max"), params=_clip_params, vendor_conv=True))
 def clip(x, min=None, max=None):  # noqa: A002  (ONNX input names)
     if min is None and max is None:
         return x

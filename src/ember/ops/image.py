@@ -142,7 +142,7 @@ def _resize_plan(shape: list[int], roi, scales, sizes, axes, keep_aspect_ratio_p
     return axes, scale, out, full_roi
 
 
-@op("Resize", kind="other")
+@op("Resize", kind="other", host_inputs=("roi", "scales", "sizes"), low_precision=("x",))
 def resize(x, roi=None, scales=None, sizes=None, *, antialias: int = 0, axes: list = None,
            coordinate_transformation_mode: str = "half_pixel", cubic_coeff_a: float = -0.75,
            exclude_outside: int = 0, extrapolation_value: float = 0.0, keep_aspect_ratio_policy: str = "stretch",
@@ -269,7 +269,7 @@ def _grid_sample_rule(node: Node):
     return [(x.dtype, (x.shape[0], x.shape[1], *g.shape[1:-1]))]
 
 
-@op("AffineGrid", kind="other")
+@op("AffineGrid", kind="other", host_inputs=("size",))
 def affine_grid(theta, size, *, align_corners: int = 0):
     dims = [int(d) for d in size.tolist()]
     ct = compute_dtype(theta)

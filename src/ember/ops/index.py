@@ -47,7 +47,7 @@ def slice_bounds(dim: int, start: int, end: int, step: int) -> tuple[int, int, i
     return start, end, step
 
 
-@op("Slice", kind="view")
+@op("Slice", kind="view", host_inputs=("starts", "ends", "axes", "steps"), low_precision=("data",))
 def slice_(data, starts, ends, axes=None, steps=None):
     st, en = host_ints(starts), host_ints(ends)
     ax = host_ints(axes) if axes is not None else list(range(len(st)))
@@ -66,7 +66,7 @@ def slice_(data, starts, ends, axes=None, steps=None):
 
 
 # -- Gather ---------------------------------------------------------------------------------------
-@op("Gather", kind="other")
+@op("Gather", kind="other", low_precision=("data",))
 def gather(data, indices, *, axis: int = 0):
     axis = norm_axis(axis, data.dim())
     idx = wrap_indices(indices, data.shape[axis])
@@ -74,7 +74,7 @@ def gather(data, indices, *, axis: int = 0):
     return picked.reshape(tuple(data.shape[:axis]) + tuple(idx.shape) + tuple(data.shape[axis + 1:]))
 
 
-@op("GatherElements", kind="other")
+@op("GatherElements", kind="other", low_precision=("data",))
 def gather_elements(data, indices, *, axis: int = 0):
     axis = norm_axis(axis, data.dim())
     idx = wrap_indices(indices, data.shape[axis])
@@ -196,7 +196,7 @@ def nonzero(X):
     return torch.nonzero(x).t().contiguous()
 
 
-@op("OneHot", kind="other")
+@op("OneHot", kind="other", host_inputs=("depth",))
 def one_hot(indices, depth, values, *, axis: int = -1):
     d = int(depth.reshape(()).to(torch.float64).item())
     rank = indices.dim() + 1

@@ -27,7 +27,7 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@op("MatMul", kind="anchor")
+@op("MatMul", kind="anchor", low_precision="all")
 def matmul(a, b):
     if not a.is_floating_point():
         return restore(int_matmul(a, b), a.dtype)
@@ -37,7 +37,7 @@ def matmul(a, b):
     return torch.matmul(a, b)
 
 
-@op("Gemm", kind="anchor")
+@op("Gemm", kind="anchor", low_precision="all")
 def gemm(a, b, c=None, *, alpha: float = 1.0, beta: float = 1.0, transA: int = 0, transB: int = 0):
     """Y = alpha * A' @ B' + beta * C, where C broadcasts to (M, N)."""
     a = a.transpose(0, 1) if transA else a

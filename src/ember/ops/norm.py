@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..ir.dtypes import DType
 from ..ir.graph import Node
 from .infer import same_as_input
+from .lowering import Builder, Operand, Unsupported, fnum, need
 from .nn import compute_dtype
 from .registry import op, shape_rule
 
@@ -39,7 +40,7 @@ def batch_normalization(x, scale, b, input_mean, input_var, *, epsilon: float = 
     return y.to(x.dtype), running_mean.to(input_mean.dtype), running_var.to(input_var.dtype)
 
 
-@op("InstanceNormalization", kind="reduction")
+@op("InstanceNormalization", kind="reduction", low_precision="all")
 def instance_normalization(x, scale, b, *, epsilon: float = 1e-5):
     ct = compute_dtype(x)
     xf = x.to(ct)
@@ -54,7 +55,28 @@ def _stash_dtype(x: torch.Tensor, stash_type: int) -> torch.dtype:
     return torch.float32 if stash_type == 1 and x.dtype != torch.float64 else compute_dtype(x)
 
 
-@op("LayerNormalization", kind="reduction")
+def _layer_norm_rows(b: Builder, node, args: list) -> Operand:
+    if node.attrs.get("stash_type", 1) != 1:
+        raise Unsupported(f"node '{node.name}' (LayerNormalization): stash_type other than float32")
+    need(node, [a for a in args if a is not None], "f")
+    x, n = args[0], b.row_length
+    mean = b.fmt("({0} / " + n + ")", "f", b.reduce("sum", x))
+    d = b.fmt("({0} - {1})", "f", x, mean)
+    var = b.fmt("({0} / " + n + ")", "f", b.reduce("sum", b.fmt("({0} * {0})", "f", d)))
+    rstd = b.fmt("tl.rsqrt({0} + " + fnum(node.attrs.get("epsilon", 1e-5)) + ")", "f", var)
+    y = b.fmt("({0} * {1} * {2})", "f", d, rstd, args[1])
+    return b.fmt("({0} + {1})", "f", y, args[2]) if len(args) > 2 and args[2] is not None else y
+
+
+def _rms_norm_rows(b: Builder, node, args: list) -> Operand:
+    need(node, [a for a in args if a is not None], "f")
+    x, n = args[0], b.row_length
+    ms = b.fmt("({0} / " + n + ")", "f", b.reduce("sum", b.fmt("({0} * {0})", "f", x)))
+    rstd = b.fmt("tl.rsqrt({0} + " + fnum(node.attrs.get("epsilon", 1e-5)) + ")", "f", ms)
+    return b.fmt("({0} * {1} * {2})", "f", x, rstd, args[1])
+
+
+@op("LayerNormalization", kind="reduction", triton=_layer_norm_rows, low_precision="all")
 def layer_normalization(x, scale, b=None, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1,
                         ctx=None):
     ct = _stash_dtype(x, stash_type)
@@ -80,7 +102,7 @@ def _declared_torch_dtype(ctx, i: int):
     return None
 
 
-@op("GroupNormalization", kind="reduction")
+@op("GroupNormalization", kind="reduction", low_precision="all")
 def group_normalization(x, scale, bias, *, epsilon: float = 1e-5, num_groups: int, stash_type: int = 1):
     ct = _stash_dtype(x, stash_type)
     N, C = x.shape[:2]
@@ -92,7 +114,7 @@ def group_normalization(x, scale, bias, *, epsilon: float = 1e-5, num_groups: in
     return y.to(x.dtype)
 
 
-@op("RMSNormalization", kind="reduction")
+@op("RMSNormalization", kind="reduction", triton=_rms_norm_rows, low_precision="all")
 def rms_normalization(x, scale, *, axis: int = -1, epsilon: float = 1e-5, stash_type: int = 1):
     ct = _stash_dtype(x, stash_type)
     axis = axis % x.dim()

@@ -55,7 +55,7 @@ def _window_sums_and_counts(x: torch.Tensor, *, auto_pad, ceil_mode, dilations, 
     return sums, counts
 
 
-@op("AveragePool", kind="reduction")
+@op("AveragePool", kind="reduction", low_precision=("x",))
 def average_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, count_include_pad: int = 0,
                  dilations: list = None, kernel_shape: list, pads: list = None, strides: list = None):
     ct = compute_dtype(x)
@@ -75,7 +75,7 @@ def lp_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, dilations: list 
     return sums.pow(1.0 / p).to(x.dtype)
 
 
-@op("MaxPool", kind="reduction")
+@op("MaxPool", kind="reduction", low_precision=("x",))
 def max_pool(x, *, auto_pad: str = "NOTSET", ceil_mode: int = 0, dilations: list = None, kernel_shape: list,
              pads: list = None, storage_order: int = 0, strides: list = None, ctx=None):
     n = x.dim() - 2
@@ -115,12 +115,12 @@ def _onnx_indices(flat: torch.Tensor, x_shape, padded: list, begin: list, storag
     return idx + plane * math.prod(spatial)
 
 
-@op("GlobalAveragePool", kind="reduction")
+@op("GlobalAveragePool", kind="reduction", low_precision="all")
 def global_average_pool(x):
     return x.to(compute_dtype(x)).mean(dim=tuple(range(2, x.dim())), keepdim=True).to(x.dtype)
 
 
-@op("GlobalMaxPool", kind="reduction")
+@op("GlobalMaxPool", kind="reduction", low_precision="all")
 def global_max_pool(x):
     return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
 
@@ -131,7 +131,7 @@ def global_lp_pool(x, *, p: int = 2):
     return xf.abs().pow(p).sum(dim=tuple(range(2, x.dim())), keepdim=True).pow(1.0 / p).to(x.dtype)
 
 
-@op("MaxUnpool", kind="other")
+@op("MaxUnpool", kind="other", host_inputs=("output_shape",))
 def max_unpool(x, indices, output_shape=None, *, kernel_shape: list, pads: list = None, strides: list = None):
     n = x.dim() - 2
     win = window(n, kernel_shape, strides, None, pads)

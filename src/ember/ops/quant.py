@@ -14,6 +14,7 @@ import torch
 from ..ir.dtypes import DType, ONNX_TO_DTYPE
 from .elementwise import as_computable
 from .linalg import int_matmul, matmul_shape
+from .lowering import Builder, Operand, Unsupported, kind_of, tl_type, zero
 from .registry import op, shape_rule
 from .torch_types import to_torch
 
@@ -55,13 +56,31 @@ def cast_tensor(x: torch.Tensor, dtype: torch.dtype, saturate: int = 1) -> torch
     return x.to(dtype)
 
 
-@op("Cast", kind="pointwise")
+def _cast_lowering(b: Builder, node, args: list) -> Operand:
+    """ONNX Cast in a fused kernel: float -> narrower float rounds through the target type; -> bool is x != 0."""
+    x, src = args[0], node.inputs[0].dtype
+    dst = dtype_of_attr(node.attrs["to"]) if node.op == "Cast" else node.inputs[1].dtype
+    k = kind_of(dst)
+    if src is None:
+        raise Unsupported(f"node '{node.name}' (Cast): input dtype unknown")
+    if dst == DType.UINT8 and x.kind == "f":
+        raise Unsupported(f"node '{node.name}' (Cast): float -> uint8 wraps differently in torch and Triton")
+    if k == "b":
+        return b.fmt("({0} != " + zero(x.kind) + ")", "b", x) if x.kind != "b" else x
+    if k == "f":
+        if dst in (DType.FLOAT16, DType.BFLOAT16) and src != dst:
+            return b.fmt("{0}.to(" + tl_type(dst) + ").to(tl.float32)", "f", x)
+        return x if x.kind == "f" else b.fmt("{0}.to(tl.float32)", "f", x)
+    return b.fmt("{0}.to(" + tl_type(dst) + ")", "i", x)
+
+
+@op("Cast", kind="pointwise", triton=_cast_lowering)
 def cast(input, *, to, saturate: int = 1, round_mode: str = "up"):  # noqa: A002  (ONNX names)
     """round_mode only matters for FLOAT8E8M0, which ember does not run."""
     return cast_tensor(input, to_torch(dtype_of_attr(to)), saturate)
 
 
-@op("CastLike", kind="pointwise")
+@op("CastLike", kind="pointwise", type_inputs=("target_type",), triton=_cast_lowering)
 def cast_like(input, target_type, *, saturate: int = 1, round_mode: str = "up"):  # noqa: A002
     return cast_tensor(input, target_type.dtype, saturate)
 

@@ -41,33 +41,33 @@ def _normal(shape, dtype: torch.dtype, mean: float, scale: float, seed, device) 
     return (r * scale + mean).to(dtype)
 
 
-@op("RandomUniform", kind="other")
+@op("RandomUniform", kind="other", random=True)
 def random_uniform(*, shape: list[int], dtype: int = 1, high: float = 1.0, low: float = 0.0,
                    seed: Optional[float] = None):
     return _uniform(shape, onnx_dtype(dtype), low, high, seed, torch.device("cpu"))
 
 
-@op("RandomNormal", kind="other")
+@op("RandomNormal", kind="other", random=True)
 def random_normal(*, shape: list[int], dtype: int = 1, mean: float = 0.0, scale: float = 1.0,
                   seed: Optional[float] = None):
     return _normal(shape, onnx_dtype(dtype), mean, scale, seed, torch.device("cpu"))
 
 
-@op("RandomUniformLike", kind="other")
+@op("RandomUniformLike", kind="other", random=True)
 def random_uniform_like(input, *, dtype: Optional[int] = None, high: float = 1.0, low: float = 0.0,
                         seed: Optional[float] = None):
     dt = onnx_dtype(dtype) if dtype is not None else input.dtype
     return _uniform(input.shape, dt, low, high, seed, input.device)
 
 
-@op("RandomNormalLike", kind="other")
+@op("RandomNormalLike", kind="other", random=True)
 def random_normal_like(input, *, dtype: Optional[int] = None, mean: float = 0.0, scale: float = 1.0,
                        seed: Optional[float] = None):
     dt = onnx_dtype(dtype) if dtype is not None else input.dtype
     return _normal(input.shape, dt, mean, scale, seed, input.device)
 
 
-@op("Bernoulli", kind="other")
+@op("Bernoulli", kind="other", random=True)
 def bernoulli(input, *, dtype: Optional[int] = None, seed: Optional[float] = None):
     dt = onnx_dtype(dtype) if dtype is not None else input.dtype
     if seed is not None and not np.isnan(seed):

@@ -11,7 +11,9 @@ import torch
 
 from ..ir.dtypes import DType
 from ..ir.shapes import Dim
+from .activation import softmax_rows
 from .elementwise import WIDE_UNSIGNED, as_computable, ordered, restore, unordered
+from .lowering import Builder, Operand, need
 from .registry import op, shape_rule
 
 
@@ -34,6 +36,29 @@ def _identity_fill(x: torch.Tensor, dims: list[int], keepdims: int, value: float
     return torch.full(shape, value, dtype=x.dtype, device=x.device)
 
 
+def _sum_rows(operand: str, finish: str = "") -> "Callable[[Builder, object, list], Operand]":
+    """A last-axis reduction as a row sum of ``operand`` ({0}: the element), then ``finish`` ({0}: the sum)."""
+
+    def lower(b: Builder, node, args: list) -> Operand:
+        need(node, [a for a in args if a is not None], "f")
+        x = args[0]
+        s = b.reduce("sum", x if operand == "{0}" else b.fmt(operand, "f", x))
+        return b.fmt(finish.replace("{n}", b.row_length), "f", s) if finish else s
+
+    return lower
+
+
+def _extreme_rows(b: Builder, node, args: list) -> Operand:
+    need(node, [a for a in args if a is not None], "f")
+    return b.reduce("max" if node.op == "ReduceMax" else "min", args[0])
+
+
+# the fused row kernels' form of each reduction over the last axis
+ROW_LOWERINGS = {"Sum": _sum_rows("{0}"), "Mean": _sum_rows("{0}", "({0} / {n})"), "Max": _extreme_rows,
+                 "Min": _extreme_rows, "SumSquare": _sum_rows("({0} * {0})"), "L1": _sum_rows("tl.abs({0})"),
+                 "L2": _sum_rows("({0} * {0})", "tl.sqrt({0})"), "LogSumExp": softmax_rows}
+
+
 def _reduction(name: str, fn: Callable[[torch.Tensor, list[int], bool], torch.Tensor], empty_value: float,
                float_only: bool = False, by_order: bool = False) -> None:
     """Register Reduce<name>. ``fn(x, dims, keepdim)`` runs on a dtype torch supports."""
@@ -54,7 +79,10 @@ def _reduction(name: str, fn: Callable[[torch.Tensor, list[int], bool], torch.Te
         return restore(fn(as_computable(data), dims, bool(keepdims)), dt)
 
     ref.__name__ = "reduce_" + name.lower()
-    op("Reduce" + name, kind="reduction")(ref)
+    # Mean, Max and Min stay in range in fp16; sums and products may overflow it: fp32
+    low = ("data",) if name in ("Mean", "Max", "Min") else None
+    op("Reduce" + name, kind="reduction", host_inputs=("axes",), triton=ROW_LOWERINGS.get(name),
+       low_precision=low)(ref)
     shape_rule("Reduce" + name)(lambda node: _reduce_rule(node))  # defined below
 
 
@@ -139,8 +167,8 @@ def _arg(fn):
     return ref
 
 
-op("ArgMax", kind="reduction")(_arg(torch.argmax))
-op("ArgMin", kind="reduction")(_arg(torch.argmin))
+op("ArgMax", kind="reduction", low_precision="all")(_arg(torch.argmax))
+op("ArgMin", kind="reduction", low_precision="all")(_arg(torch.argmin))
 
 
 @shape_rule("ArgMax", "ArgMin")
@@ -168,12 +196,12 @@ def _cumulative(x: torch.Tensor, axis: torch.Tensor, exclusive: int, reverse: in
     return restore(out, dt)
 
 
-@op("CumSum", kind="other")
+@op("CumSum", kind="other", host_inputs=("axis",))
 def cum_sum(x, axis, *, exclusive: int = 0, reverse: int = 0):
     return _cumulative(x, axis, exclusive, reverse, torch.cumsum, 0)
 
 
-@op("CumProd", kind="other")
+@op("CumProd", kind="other", host_inputs=("axis",))
 def cum_prod(x, axis, *, exclusive: int = 0, reverse: int = 0):
     return _cumulative(x, axis, exclusive, reverse, torch.cumprod, 1)
 

@@ -19,6 +19,22 @@ IR op semantics are those of the newest ONNX opset of the same name; the ONNX fr
 normalizes older forms. Ops ember adds of its own (fused ops) are named ``ember.Something``.
 Shape and dtype inference: :func:`shape_rule` registers a symbolic rule; without one, ember
 runs the reference function on meta tensors when input shapes are static.
+
+Everything else the compiler must know about an op is stated here too, once, as arguments of
+:func:`op` (passes, kernels and the runtime read them from the OpDef; adding an op or a precision
+edits one place):
+
+- ``host_inputs``: inputs that are shape parameters (Reshape's ``shape``, Slice's ``starts``...),
+  read on the host (TensorRT's shape tensors); ``type_inputs``: inputs of which only the dtype is
+  read (CastLike's target);
+- ``random``: the value is not a function of the inputs (never folded nor merged);
+- ``low_precision``: which float inputs compute in fp16/bf16 in a reduced-precision engine
+  (``"all"``, a tuple of input names, or ``"fp32"`` for ops that overflow there); pointwise ops
+  default to ``"all"``, the others to ``"fp32"``;
+- ``quant``: the op's INT8/FP8 form (:class:`QuantSpec`): which inputs are quantized, and the
+  weight's output-channel axis;
+- ``triton``: the op's fused-kernel lowering (a template string or a function, ops/lowering.py);
+  ``epilogue``: how a GEMM/conv epilogue computes it as an activation (:class:`Epilogue`).
 """
 from __future__ import annotations
 
@@ -31,6 +47,41 @@ REQUIRED = inspect.Parameter.empty
 
 # fusion classes, used by the optimizer and the CUDA backend
 KINDS = ("pointwise", "reduction", "anchor", "view", "shape", "control", "other")
+ALL_INPUTS = "all"  # low_precision: every float input
+FP32 = "fp32"  # low_precision: the op computes in fp32 in every engine (overflow-prone)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How an anchor runs in INT8/FP8: ``activations`` (input names) are quantized per tensor with
+    calibrated scales, ``weight`` (an input name; a constant) per output channel along the axis
+    ``weight_axis(attrs)`` gives. ``quantized_op``: the ember op that computes it on quantized
+    inputs (passes/qdq.py rewrites into it)."""
+
+    activations: tuple[str, ...]
+    weight: str
+    weight_axis: Callable[[dict], int]
+    quantized_op: str
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """This activation as the epilogue of a GEMM/conv (ember.Gemm/ember.Conv ``activation``).
+
+    ``code``: the ACT constant of the template kernels (kernels/triton_templates.py), ``attrs``: the
+    attributes they read, ``params(attrs)``: (code, p0, p1) for those attributes (raises ValueError
+    when the kernels cannot compute them); ``torch``: a one-kernel torch form for vendor tactics
+    (returns None when it has none for these attributes); ``vendor_conv``: cuDNN conv tactics take
+    it (as one torch kernel after the convolution)."""
+
+    code: int
+    attrs: tuple[str, ...] = ()
+    params: Optional[Callable[[dict], tuple[int, float, float]]] = None
+    torch: Optional[Callable[[Any, dict], Any]] = None
+    vendor_conv: bool = False
+
+    def kernel_params(self, attrs: dict) -> tuple[int, float, float]:
+        return self.params(attrs) if self.params is not None else (self.code, 0.0, 0.0)
 
 
 @dataclass
@@ -69,10 +120,38 @@ class OpDef:
     wants_ctx: bool
     shape_rule: Optional[Callable] = None
     doc: str = ""
-    host_inputs: frozenset = frozenset()  # positions of shape-parameter inputs (see host_inputs.py)
+    host_inputs: frozenset = frozenset()  # positions of shape-parameter inputs
+    type_inputs: frozenset = frozenset()  # positions of inputs whose dtype alone is read
+    random: bool = False
+    low_precision: "str | frozenset[int]" = FP32  # ALL_INPUTS, FP32, or input positions
+    quant: Optional[QuantSpec] = None
+    triton: Optional[Callable] = None  # (builder, node, operands) -> operand; see ops/lowering.py
+    epilogue: Optional[Epilogue] = None
 
     def max_inputs(self) -> Optional[int]:
         return None if self.variadic else len(self.input_names)
+
+    @property
+    def foldable(self) -> bool:
+        """Whether a node's value may be computed ahead of the run from constant inputs (and two equal
+        nodes computed once): not for random draws, nor control flow (its bodies run at run time)."""
+        return not self.random and self.kind != "control"
+
+    @property
+    def param_inputs(self) -> frozenset:
+        """Inputs that are parameters, not data a kernel streams: shape parameters and type inputs."""
+        return self.host_inputs | self.type_inputs
+
+    def low_precision_inputs(self, n_inputs: int) -> "set[int] | None":
+        """Positions of the float inputs computed in fp16/bf16, or None when the op stays fp32."""
+        if self.low_precision == FP32:
+            return None
+        if self.low_precision == ALL_INPUTS:
+            return set(range(n_inputs))
+        return set(self.low_precision)
+
+    def position(self, input_name: str) -> int:
+        return self.input_names.index(input_name)
 
     def check_attrs(self, attrs: dict[str, Any]) -> list[str]:
         """Problems with a node's attributes: unknown names and missing required ones."""
@@ -91,8 +170,12 @@ class OpDef:
 REGISTRY: dict[str, OpDef] = {}
 
 
-def op(name: str, kind: str = "other", aliases: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Register a reference function as the definition of IR op ``name``."""
+def op(name: str, kind: str = "other", aliases: tuple[str, ...] = (), *, host_inputs: tuple[str, ...] = (),
+       type_inputs: tuple[str, ...] = (), random: bool = False, low_precision: "str | tuple[str, ...] | None" = None,
+       quant: Optional[QuantSpec] = None, triton: "str | Callable | None" = None,
+       epilogue: Optional[Epilogue] = None) -> Callable[[Callable], Callable]:
+    """Register a reference function as the definition of IR op ``name``, with the facts the compiler
+    needs about it (see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"op {name}: kind must be one of {KINDS}")
 
@@ -116,11 +199,32 @@ def op(name: str, kind: str = "other", aliases: tuple[str, ...] = ()) -> Callabl
                     wants_ctx = True
                 else:
                     attrs[p.name] = p.default
+        def positions(names: tuple[str, ...], what: str) -> frozenset[int]:
+            unknown = [n for n in names if n not in input_names]
+            if unknown:
+                raise ValueError(f"op {name}: {what} names {unknown}, which are not inputs ({input_names})")
+            return frozenset(input_names.index(n) for n in names)
+
+        if low_precision is None:
+            low = ALL_INPUTS if kind == "pointwise" else FP32
+        elif low_precision in (ALL_INPUTS, FP32):
+            low = low_precision
+        else:
+            low = positions(tuple(low_precision), "low_precision")
+        if quant is not None:
+            positions((*quant.activations, quant.weight), "quant")
+        lowering = triton
+        if isinstance(triton, str):
+            from .lowering import template
+
+            lowering = template(triton)
         for n in (name, *aliases):
             if n in REGISTRY:
                 raise ValueError(f"op {n} is registered twice ({REGISTRY[n].fn.__module__} and {fn.__module__})")
             REGISTRY[n] = OpDef(n, fn, input_names, min_inputs, variadic, attrs, kind, wants_ctx,
-                                doc=(fn.__doc__ or "").strip())
+                                doc=(fn.__doc__ or "").strip(), host_inputs=positions(host_inputs, "host_inputs"),
+                                type_inputs=positions(type_inputs, "type_inputs"), random=random,
+                                low_precision=low, quant=quant, triton=lowering, epilogue=epilogue)
         return fn
 
     return deco
@@ -150,6 +254,12 @@ def get(name: str) -> OpDef:
 def known_ops() -> set[str]:
     _load_all()
     return set(REGISTRY)
+
+
+def epilogue_ops() -> tuple[str, ...]:
+    """The activations a GEMM/conv epilogue computes (ops with an :class:`Epilogue`)."""
+    _load_all()
+    return tuple(sorted(n for n, d in REGISTRY.items() if d.epilogue is not None))
 
 
 class LoadOnce:
@@ -191,14 +301,10 @@ def _fill_registry() -> None:
     """Import every module of ember.ops so that their @op decorators run."""
     from .. import ops as pkg
 
-    import_submodules(pkg, skip=("registry", "torch_types", "infer", "host_inputs"))
+    import_submodules(pkg, skip=("registry", "torch_types", "infer", "lowering"))
     for n, rule in _PENDING_RULES.items():
         if n in REGISTRY:
             REGISTRY[n].shape_rule = rule
-    from .host_inputs import host_input_positions
-
-    for d in REGISTRY.values():
-        d.host_inputs = host_input_positions(d.name, d.input_names)
 
 
 _load_all = LoadOnce(_fill_registry)

@@ -29,19 +29,19 @@ def sequence_empty(*, dtype: Optional[int] = None):
     return []
 
 
-@op("SequenceAt", kind="other")
+@op("SequenceAt", kind="other", host_inputs=("position",))
 def sequence_at(input_sequence, position):
     return input_sequence[_position(position, len(input_sequence), 0)]
 
 
-@op("SequenceInsert", kind="other")
+@op("SequenceInsert", kind="other", host_inputs=("position",))
 def sequence_insert(input_sequence, tensor, position=None):
     out = list(input_sequence)
     out.insert(_position(position, len(out), len(out), inserting=True), tensor)
     return out
 
 
-@op("SequenceErase", kind="other")
+@op("SequenceErase", kind="other", host_inputs=("position",))
 def sequence_erase(input_sequence, position=None):
     out = list(input_sequence)
     del out[_position(position, len(out), len(out) - 1)]

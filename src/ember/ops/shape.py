@@ -39,7 +39,7 @@ def size(data):
     return torch.tensor(data.numel(), dtype=torch.int64, device=data.device)
 
 
-@op("ConstantOfShape", kind="shape")
+@op("ConstantOfShape", kind="shape", host_inputs=("input",))
 def constant_of_shape(input, *, value: Optional[np.ndarray] = None):
     dims = host_ints(input)
     if value is None:
@@ -48,7 +48,7 @@ def constant_of_shape(input, *, value: Optional[np.ndarray] = None):
     return fill.expand(dims).clone()
 
 
-@op("Range", kind="shape")
+@op("Range", kind="shape", host_inputs=("start", "limit", "delta"))
 def range_(start, limit, delta, *, stash_type: int = 1):
     dtype = start.dtype
     if dtype.is_floating_point:

@@ -30,7 +30,7 @@ def _as_pair(z: torch.Tensor) -> torch.Tensor:
     return torch.stack([z.real, z.imag], dim=-1)
 
 
-@op("DFT", kind="other")
+@op("DFT", kind="other", host_inputs=("dft_length", "axis"))
 def dft(input, dft_length=None, axis=None, *, inverse: int = 0, onesided: int = 0):
     """(Inverse) discrete Fourier transform along ``axis`` (default -2, a signal axis of input).
 

@@ -19,7 +19,7 @@ def _sort_key(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@op("TopK", kind="other")
+@op("TopK", kind="other", host_inputs=("K",), low_precision=("X",))
 def top_k(X, K, *, axis: int = -1, largest: int = 1, sorted: int = 1):
     axis = norm_axis(axis, X.dim())
     k = int(K.reshape(-1)[0].item())

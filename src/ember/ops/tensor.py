@@ -38,7 +38,7 @@ def broadcast_to_shape(in_shape: list[int], target: list[int]) -> list[int]:
     return out
 
 
-@op("Reshape", kind="view")
+@op("Reshape", kind="view", host_inputs=("shape",), low_precision=("data",))
 def reshape(data, shape, *, allowzero: int = 0):
     dims = host_ints(shape)
     if not allowzero:
@@ -46,20 +46,20 @@ def reshape(data, shape, *, allowzero: int = 0):
     return data.reshape(dims)
 
 
-@op("Transpose", kind="view")
+@op("Transpose", kind="view", low_precision="all")
 def transpose(data, *, perm: Optional[list[int]] = None):
     if perm is None:
         perm = list(range(data.dim() - 1, -1, -1))
     return data.permute(*perm)
 
 
-@op("Concat", kind="view")
+@op("Concat", kind="view", low_precision="all")
 def concat(*inputs, axis: int):
     rank = max(t.dim() for t in inputs)
     return torch.cat(list(inputs), dim=norm_axis(axis, rank))
 
 
-@op("Squeeze", kind="view")
+@op("Squeeze", kind="view", host_inputs=("axes",), low_precision=("data",))
 def squeeze(data, axes=None):
     if axes is None:
         return data.reshape([d for d in data.shape if d != 1])
@@ -70,7 +70,7 @@ def squeeze(data, axes=None):
     return data.reshape([d for i, d in enumerate(data.shape) if i not in drop])
 
 
-@op("Unsqueeze", kind="view")
+@op("Unsqueeze", kind="view", host_inputs=("axes",), low_precision=("data",))
 def unsqueeze(data, axes):
     rank = data.dim() + axes.numel()
     new = sorted(norm_axis(a, rank) for a in host_ints(axes))
@@ -80,7 +80,7 @@ def unsqueeze(data, axes):
     return data.reshape(shape)
 
 
-@op("Flatten", kind="view")
+@op("Flatten", kind="view", low_precision="all")
 def flatten(input, *, axis: int = 1):
     axis = axis + input.dim() if axis < 0 else axis
     outer = 1
@@ -92,13 +92,13 @@ def flatten(input, *, axis: int = 1):
     return input.reshape(outer, inner)
 
 
-@op("Expand", kind="view")
+@op("Expand", kind="view", host_inputs=("shape",), low_precision=("input",))
 def expand(input, shape):
     out = broadcast_to_shape(list(input.shape), host_ints(shape))
     return input.reshape([1] * (len(out) - input.dim()) + list(input.shape)).expand(out)
 
 
-@op("Tile", kind="other")
+@op("Tile", kind="other", host_inputs=("repeats",), low_precision=("input",))
 def tile(input, repeats):
     reps = host_ints(repeats)
     if input.dim() == 0:
@@ -106,12 +106,12 @@ def tile(input, repeats):
     return input.repeat(*reps)
 
 
-@op("Identity", kind="view")
+@op("Identity", kind="view", low_precision="all")
 def identity(input):
     return input  # tensors, sequences (lists) and optionals (None) alike
 
 
-@op("Split", kind="view")
+@op("Split", kind="view", host_inputs=("split",), low_precision=("input",))
 def split(input, split=None, *, axis: int = 0, num_outputs: Optional[int] = None, ctx):
     axis = norm_axis(axis, input.dim())
     dim = input.shape[axis]
@@ -143,7 +143,7 @@ def _pad_source_index(n: int, before: int, after: int, mode: str, device) -> tup
     raise ValueError(f"Pad mode '{mode}' is not one of constant, reflect, edge, wrap")
 
 
-@op("Pad", kind="other")
+@op("Pad", kind="other", host_inputs=("pads", "axes"), low_precision=("data", "constant_value"))
 def pad(data, pads, constant_value=None, axes=None, *, mode: str = "constant"):
     rank = data.dim()
     p = host_ints(pads)
@@ -180,7 +180,7 @@ def pad(data, pads, constant_value=None, axes=None, *, mode: str = "constant"):
     return out
 
 
-@op("CenterCropPad", kind="other")
+@op("CenterCropPad", kind="other", host_inputs=("shape",))
 def center_crop_pad(input_data, shape, *, axes: Optional[list[int]] = None):
     rank = input_data.dim()
     ax = [norm_axis(a, rank) for a in axes] if axes is not None else list(range(rank))
@@ -198,7 +198,7 @@ def center_crop_pad(input_data, shape, *, axes: Optional[list[int]] = None):
     return out
 
 
-@op("DepthToSpace", kind="view")
+@op("DepthToSpace", kind="view", low_precision="all")
 def depth_to_space(input, *, blocksize: int, mode: str = "DCR"):
     b, c, h, w = input.shape
     bs = blocksize
@@ -209,7 +209,7 @@ def depth_to_space(input, *, blocksize: int, mode: str = "DCR"):
     return t.reshape(b, c // (bs * bs), h * bs, w * bs)
 
 
-@op("SpaceToDepth", kind="view")
+@op("SpaceToDepth", kind="view", low_precision="all")
 def space_to_depth(input, *, blocksize: int, mode: str = "DCR"):
     b, c, h, w = input.shape
     bs = blocksize
@@ -221,7 +221,7 @@ def space_to_depth(input, *, blocksize: int, mode: str = "DCR"):
     return t.reshape(b, c * bs * bs, h // bs, w // bs)
 
 
-@op("Trilu", kind="pointwise")
+@op("Trilu", kind="pointwise", host_inputs=("k",))
 def trilu(input, k=None, *, upper: int = 1):
     kk = int(k.reshape(()).item()) if k is not None else 0
     n, m = input.shape[-2], input.shape[-1]

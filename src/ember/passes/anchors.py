@@ -6,18 +6,18 @@ only by the reassociation of one multiply per weight.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
 
 from ..ir.graph import Graph, Value
 from ..ops.fused import CONV_ATTRS
+from ..ops.registry import epilogue_ops
 from .noops import same_type
 from .rewrite import Editor, Match, P, PassContext, Rule, apply_rules
 
 CONV_OPS = ("Conv", "ember.Conv")
-EPILOGUE_ACTIVATIONS = ("Relu", "Gelu", "Sigmoid", "Tanh", "LeakyRelu", "Swish", "HardSwish", "HardSigmoid",
-                        "Elu", "Clip", "Softplus", "Mish")
 
 
 def _const(v: Optional[Value]) -> Optional[np.ndarray]:
@@ -265,11 +265,14 @@ GEMM_RULES = [
     Rule("unflatten_gemm", P("Reshape", P("ember.Gemm", P("Reshape", P.any("x"), P.any()), name="g", open_inputs=True),
                              P.any(), name="y"), _unflatten_gemm),
 ]
-EPILOGUE_RULES = [
-    Rule("fuse_activation_into_anchor", P(EPILOGUE_ACTIVATIONS, a_fused, name="y", open_inputs=True),
-         _fuse_activation),
-    Rule("fuse_residual_into_anchor", P("Add", a_fused, P.any("r"), name="y"), _fuse_residual),
-]
+@functools.cache
+def epilogue_rules() -> list[Rule]:
+    """The activations an epilogue takes are those whose op says how (OpDef.epilogue)."""
+    return [
+        Rule("fuse_activation_into_anchor", P(epilogue_ops(), a_fused, name="y", open_inputs=True),
+             _fuse_activation),
+        Rule("fuse_residual_into_anchor", P("Add", a_fused, P.any("r"), name="y"), _fuse_residual),
+    ]
 
 
 def fold_into_anchors(graph: Graph, ctx: PassContext) -> bool:
@@ -279,4 +282,4 @@ def fold_into_anchors(graph: Graph, ctx: PassContext) -> bool:
 
 def fuse_epilogues(graph: Graph, ctx: PassContext) -> bool:
     """Activation and residual add after a GEMM/Conv become that anchor's epilogue."""
-    return apply_rules(graph, EPILOGUE_RULES, ctx.log)
+    return apply_rules(graph, epilogue_rules(), ctx.log)

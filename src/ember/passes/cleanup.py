@@ -20,9 +20,6 @@ from ..ops.torch_types import tensor_from_numpy, tensor_to_numpy
 from .rewrite import Editor, Match, P, PassContext, Rule, apply_rules
 from .scope import eliminate_dead_nodes, remove_unused_initializers
 
-# Ops whose value is not a function of their inputs, or that only make sense at run time.
-NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
-                "Multinomial", "If", "Loop", "Scan", "SequenceMap"}
 SMALL_FOLD_BYTES = 1 << 16  # any folded result up to this size is fine, whatever the inputs' size
 
 
@@ -36,7 +33,8 @@ def _fold_constant(ctx: PassContext):
     def build(ed: Editor, m: Match) -> Optional[Value]:
         node = m["y"].producer
         assert node is not None
-        if node.op in NOT_FOLDABLE or node.op not in known_ops() or any(True for _ in node.subgraphs()):
+        # (OpDef.foldable: not random draws, nor control flow, whose bodies only make sense at run time)
+        if node.op not in known_ops() or not get(node.op).foldable or any(True for _ in node.subgraphs()):
             return None
         ins = [v for v in node.inputs if v is not None]
         if not all(v.is_const and v.kind == "tensor" for v in ins):
@@ -154,7 +152,7 @@ def _node_key(n: Node) -> tuple:
 def _same_as_earlier(ed: Editor, m: Match) -> Optional[Value]:
     node = m["y"].producer
     assert node is not None
-    if node.op in NOT_FOLDABLE or any(True for _ in node.subgraphs()) or not node.inputs \
+    if (node.op in known_ops() and not get(node.op).foldable) or any(True for _ in node.subgraphs()) or not node.inputs \
             or node.inputs[0] is None:
         return None
     pos = ed.position.get(id(node))

@@ -36,8 +36,6 @@ from ..ops.torch_types import to_torch
 
 HOST_LIMIT = 1 << 14  # elements: above this a value is data, not shape arithmetic
 UNROLL_LIMIT = 8192  # body nodes a plan may unroll from Loop/Scan bodies, all loops together
-NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
-                "Multinomial"}
 Signature = tuple
 
 
@@ -125,7 +123,7 @@ def value_inputs(graph: Graph) -> frozenset[str]:
         if node.op in ("Shape", "Size"):
             hostish.update(o.name for o in node.outputs)
             continue
-        if opdef.kind == "control" or node.op in NOT_FOLDABLE or not all(v.name in hostish for v in ins):
+        if not opdef.foldable or not all(v.name in hostish for v in ins):
             continue
         srcs = set().union(*(origin.get(v.name, set()) for v in ins)) if ins else set()
         for o in node.outputs:
@@ -297,7 +295,7 @@ class _Specializer:
             return True
         if node.op in ("If", "Loop", "Scan") and self._inline(node, keys_in, out_keys, prefix):
             return True
-        foldable = (opdef.kind != "control" and node.op not in NOT_FOLDABLE and not any(node.subgraphs())
+        foldable = (opdef.foldable and not any(node.subgraphs())
                     and all(k is None or k in self.known for k in keys_in))
         if foldable and self._fold(node, opdef, keys_in, out_keys, ctx):
             return True
