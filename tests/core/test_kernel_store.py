@@ -186,23 +186,33 @@ def test_loaded_engine_compiles_nothing_in_a_fresh_process(tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    samples = os.path.join(root, "examples", "digits", "samples.npz")
-    image = np.load(samples)["image"]
-    eng = ember.build(os.path.join(root, "examples", "digits", "digits_cnn.onnx"), device="cuda", precision="fp16",
-                      shapes={"image": image.shape})  # the engine's shapes: a new batch size would compile
-    assert eng.kernel_binaries, "the digits CNN's fusion groups should have compiled kernels to store"
-    path = tmp_path / "digits.engine"
+    import onnx
+    from onnx import TensorProto, helper
+
+    # a pointwise chain: one fusion group, so one generated Triton kernel to store
+    nodes = [helper.make_node("Mul", ["x", "two"], ["a"]), helper.make_node("Add", ["a", "one"], ["b"]),
+             helper.make_node("Sigmoid", ["b"], ["c"]), helper.make_node("Mul", ["c", "x"], ["y"])]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 64])],
+                          [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+                           helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    model = str(tmp_path / "chain.onnx")
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    image = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    samples = str(tmp_path / "x.npz")
+    np.savez(samples, image=image)
+    eng = ember.build(model, device="cuda", precision="fp16")
+    assert eng.kernel_binaries, "the pointwise chain's fusion group should have a compiled kernel to store"
+    path = tmp_path / "chain.engine"
     eng.save(path)
-    model = os.path.join(root, "examples", "digits", "digits_cnn.onnx")
-    (ref,) = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"image": image})[:1]
+    (ref,) = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": image})[:1]
     triton_cache, store = tmp_path / "triton-cache", tmp_path / "ember-kernels"
     code = ("import sys, numpy as np, ember\n"
             f"e = ember.Engine.load({str(path)!r})\n"
             "from triton import knobs\n"
             "assert knobs.cache.manager_class.__name__ == 'StoredKernels', knobs.cache.manager_class\n"
             f"x = np.load({samples!r})['image']\n"
-            "np.save(sys.argv[1], e.run({'image': x})[e.outputs[0].name])\n")
+            "np.save(sys.argv[1], e.run({'x': x})[e.outputs[0].name])\n")
     out = tmp_path / "out.npy"
     r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "TRITON_CACHE_DIR": str(triton_cache), kernel_store.STORE_ENV: str(store)})

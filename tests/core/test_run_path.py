@@ -27,6 +27,7 @@ F = TensorProto.FLOAT
 def _save(tmp_path, nodes, inputs, outputs, inits=(), name="m.onnx", opset=17):
     g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8  # what ONNX Runtime 1.30 reads (onnx 1.23 writes 14 by default)
     onnx.checker.check_model(m)
     p = tmp_path / name
     onnx.save(m, str(p))

@@ -241,20 +241,20 @@ class GraphRunner:
                 continue
             for k in segment_reads(seg.steps):
                 x = env.maps[0].get(k)
-                if isinstance(x, torch.Tensor) and x.device == self.device and id(x) not in stable:
+                if x is None or id(x) in stable:  # static inputs, values of earlier graphs
+                    continue
+                if isinstance(x, torch.Tensor) and x.device.type == self.device.type:
                     buf = x.clone()  # made by a host step: the graph reads a static copy
                     seg.copy_in[k] = buf
                     env.maps[0][k] = buf
-                elif x is not None and not isinstance(x, torch.Tensor) or (
-                        isinstance(x, torch.Tensor) and x.device != self.device):
-                    # a sequence or a host tensor made by a host step: a graph would keep the first run's
+                else:  # a sequence or a host tensor made by a host step: a graph would keep the first run's
                     reader = next(s for s in seg.steps if k in s.inputs)
                     raise CaptureFailed(reader, ValueError(f"reads '{k}', a {type(x).__name__} a host step makes"))
             seg.graph = self._capture_segment(seg, env)
             seg.graph.replay()  # the captured kernels have not run yet: what follows needs their results
             produced = {o for s in seg.steps for o in s.outputs}
             seg.outputs = {k: v for k, v in env.maps[0].items() if k in produced}
-            stable.update(id(t) for t in seg.outputs.values() if isinstance(t, torch.Tensor))
+            stable.update(id(t) for t in seg.outputs.values())
 
     def _capture_segment(self, seg: Segment, env: Any) -> Any:
         at = [0]
