@@ -220,7 +220,7 @@ class ExecutionContext:
         plan = None
         if feeds is not None and self.planned and self._tensor_io:
             with self._lock, torch.inference_mode():
-                if all(isinstance(v, torch.Tensor) and v.device == self.device for v in feeds.values()):
+                if all(isinstance(v, torch.Tensor) and v.device.type == self.device.type for v in feeds.values()):
                     plan, _ = self._plan_for({k: (tuple(v.shape), v.dtype) for k, v in feeds.items()}, feeds)
                 else:
                     arrays = self._host_inputs(feeds)
