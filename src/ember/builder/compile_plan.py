@@ -17,7 +17,7 @@ import torch
 from ..ir.graph import Node
 from ..kernels import bind_tactic, candidates
 from ..kernels.template_choice import TEMPLATES, shortlist
-from .tuner import TimingCache, TuneReport, _bound_args, _cached_choice, node_signature
+from .tuner import TimingCache, TuneReport, _bound_args, _cached_choice, choice_hashes, node_signature
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def plan_compiles(device: torch.device, interp: Any, feeds: dict, tunable: dict[
             return
         cands = [c.name for c in candidates(node, device)]
         names = shortlist(cands, args, node.attrs, keep, sms)
-        cached = _cached_choice(cache, cache.key(device, node_signature(node, args)), set(names) | {"reference"})
+        cached = _cached_choice(cache, cache.key(device, node_signature(node, args)), choice_hashes(node.op, names))
         planned = [cached] if cached is not None else names
         for name in planned:
             if name not in TEMPLATES:

@@ -15,11 +15,11 @@ import torch
 
 from ..ir.dtypes import DType
 from ..ir.graph import Node, Value
-from ..kernels import candidates
+from ..kernels import candidates, reference_hash
 from ..ops import OpContext
 from ..ops.torch_types import to_torch
 from .precision import source_name
-from .tuner import _cached_choice, _time, interp_call_reference, node_signature, pick
+from .tuner import _cached_choice, _time, choice_hashes, interp_call_reference, node_signature, pick
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,12 @@ class PrecisionTimer:
             if low_ms is None:  # a node with no tactics: its reference is what runs
                 ctx = OpContext(num_outputs=len(node.outputs), node_name=node.name, memo={})
                 low_ms = self._cached_ms(node_signature(node, args), "reference", lambda: _time(
-                    lambda: interp_call_reference(node, args, ctx), t.reps, t.device))
+                    lambda: interp_call_reference(node, args, ctx), t.reps, t.device), reference_hash(node.op))
             twin, twin_args, consts = fp32_twin(node, args, t.interp.consts, self.low)
             names = [c.name for c in candidates(twin, t.device)]
             key = t.cache.key(t.device, node_signature(twin, twin_args))
-            cached = _cached_choice(t.cache, key, set(names) | {"reference"})
+            hashes = choice_hashes(twin.op, names)
+            cached = _cached_choice(t.cache, key, hashes)
             if cached is not None:
                 ms32 = (t.cache.entries[key].get("ms") or {}).get(cached)
             else:
@@ -58,7 +59,8 @@ class PrecisionTimer:
                 finally:
                     t.interp.consts = saved
                 best = pick(results)
-                t.cache.entries[key] = {"tactic": best, "ms": results, "failed": failed}
+                t.cache.entries[key] = {"tactic": best, "ms": results, "failed": failed,
+                                        "code": {n: hashes[n] for n in [*results, *failed] if n in hashes}}
                 ms32 = results.get(best)
             if low_ms is not None and ms32 is not None:
                 t.report.node_ms[node.name] = (round(low_ms, 5), round(ms32, 5))
@@ -84,18 +86,20 @@ class PrecisionTimer:
         t = self.tuner
         cl = a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last)
         sig = f"Cast|{a.dtype}->{to}|{list(a.shape)}{'cl' if cl else ''}"
-        ms = self._cached_ms(sig, "cast", lambda: _time(lambda: a.to(to), max(3, t.reps // 2), t.device))
+        ms = self._cached_ms(sig, "cast", lambda: _time(lambda: a.to(to), max(3, t.reps // 2), t.device), "torch.to")
         t.report.cast_ms[name] = round(ms, 5)
 
-    def _cached_ms(self, signature: str, label: str, measure: Any) -> float:
-        """A timing kept in the timing cache (a warm rebuild times no reference or cast again)."""
+    def _cached_ms(self, signature: str, label: str, measure: Any, code: str) -> float:
+        """A timing kept in the timing cache (a warm rebuild times no reference or cast again), valid
+        while the code it timed (``code``: its hash) is the same."""
         t = self.tuner
         key = t.cache.key(t.device, signature)
         hit = t.cache.entries.get(key)
-        if hit is not None and isinstance((hit.get("ms") or {}).get(label), (int, float)):
+        if (hit is not None and isinstance((hit.get("ms") or {}).get(label), (int, float))
+                and (hit.get("code") or {}).get(label) == code):
             return float(hit["ms"][label])
         ms = measure()
-        t.cache.entries[key] = {"tactic": label, "ms": {label: ms}, "failed": []}
+        t.cache.entries[key] = {"tactic": label, "ms": {label: ms}, "failed": [], "code": {label: code}}
         return ms
 
 

@@ -1,7 +1,10 @@
-"""Tactic selection: time every applicable tactic of each node at the profile's opt shapes.
+"""Tactic selection: time every applicable choice of each node at the profile's opt shapes.
 
 Winners go into ``node.meta["tactic"]`` and into a timing cache (JSON) keyed by GPU, compute
-capability, library versions and the node's signature, so a second build skips the timing.
+capability, library versions and the node's signature, so a second build skips the timing. Each
+entry records the code hash of every choice it timed (kernels/__init__.py: Choice.code_hash, and
+the reference function's): a choice whose code changed since is untimed there, and the node is
+timed again. A choice is timed only if its output matches the reference within its own tolerance.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from ..ir.graph import Graph, Node
-from ..kernels import bind_tactic, candidates
+from ..kernels import DEFAULT_TOLERANCE, Choice, bind_tactic, candidates, get_tactic, reference_hash
 from ..kernels.template_choice import KEEP_BY_LEVEL, shortlist
 from ..ops import OpContext
 from .progress import ProgressFn, report as send_progress
@@ -235,17 +238,28 @@ def select_tactics(graph: Graph, device: torch.device, feeds: dict[str, torch.Te
     return report
 
 
-def _cached_choice(cache: TimingCache, key: str, names: set[str]) -> Optional[str]:
-    """The tactic a timing-cache entry picks among ``names`` (the rule may have changed since it was
-    stored), or None when the entry is missing or never timed one of them (a tactic added since)."""
+def choice_hashes(op: str, names: "list[str] | set[str]") -> dict[str, str]:
+    """name -> code hash of each choice named, and of the op's reference function ("reference")."""
+    out = {"reference": reference_hash(op)}
+    for n in names:
+        c = get_tactic(n)
+        if c is not None and n != "reference":
+            out[n] = c.code_hash
+    return out
+
+
+def _cached_choice(cache: TimingCache, key: str, hashes: dict[str, str]) -> Optional[str]:
+    """The choice a timing-cache entry picks among those in ``hashes`` (name -> code hash; the rule
+    may have changed since it was stored), or None when the entry is missing, never timed one of
+    them (a choice added since), or timed one whose code has changed since (an edited kernel)."""
     hit = cache.entries.get(key)
-    if hit is None:
+    if hit is None or not isinstance(hit.get("ms"), dict):
         return None
-    if isinstance(hit.get("ms"), dict):
-        timed = {k: v for k, v in hit["ms"].items() if k in names}
-        fresh = names - set(hit["ms"]) - set(hit.get("failed", []))
-        return pick(timed) if timed and not fresh else None
-    return hit.get("tactic") if hit.get("tactic") in names else None
+    code = hit.get("code") if isinstance(hit.get("code"), dict) else {}
+    seen = set(hit["ms"]) | set(hit.get("failed", []))
+    fresh = {n for n, h in hashes.items() if n not in seen or code.get(n) != h}
+    timed = {k: v for k, v in hit["ms"].items() if k in hashes}
+    return pick(timed) if timed and not fresh else None
 
 
 def _bound_args(node: Node, name: str, device: torch.device, interp: Any, args: list) -> "tuple[Any, list] | None":
@@ -253,7 +267,7 @@ def _bound_args(node: Node, name: str, device: torch.device, interp: Any, args: 
     constants) and the arguments it runs on, or None if it cannot bind."""
     node.meta["tactic"] = name
     consts = dict(interp.consts)
-    bound = bind_tactic(node, device, consts)
+    bound = bind_tactic(node, device, consts)  # (the choice itself: bound.choice)
     if bound is None:
         return None
     return bound, [consts[bound.remap[j]] if j in bound.remap else a for j, a in enumerate(args)]
@@ -313,7 +327,8 @@ class _Tuner:
         report.pruned += sum(1 for c in candidates(node, device) if c.name not in names)
         key = self.cache.key(device, node_signature(node, args))
         self.done += 1
-        cached = _cached_choice(self.cache, key, set(names) | {"reference"})
+        hashes = choice_hashes(node.op, names)
+        cached = _cached_choice(self.cache, key, hashes)
         if cached is not None:
             node.meta["tactic"] = cached
             report.cached += 1
@@ -341,7 +356,8 @@ class _Tuner:
         best = pick(results)
         report.timings[name] = {k: round(v, 5) for k, v in results.items()}
         node.meta["tactic"] = best
-        self.cache.entries[key] = {"tactic": best, "ms": results, "failed": failed}
+        self.cache.entries[key] = {"tactic": best, "ms": results, "failed": failed,
+                                   "code": {n: hashes[n] for n in [*results, *failed] if n in hashes}}
         self.cache.misses += 1
         report.timed += 1
         return results.get(best)
@@ -361,8 +377,8 @@ class _Tuner:
                 continue
             bound, bargs = b
             try:
-                # a candidate must compute the node's function before its speed counts
-                err = _mismatch(bound.run(bargs, bound.attrs, ctx), want, len(node.outputs))
+                # a candidate must compute the node's function (within its tolerance) before its speed counts
+                err = _mismatch(bound.run(bargs, bound.attrs, ctx), want, len(node.outputs), bound.choice)
                 if err:
                     raise ValueError(f"output differs from the reference: {err}")
                 results[cname] = _time(lambda: bound.run(bargs, bound.attrs, ctx), reps, self.device)
@@ -390,14 +406,13 @@ def pick(results: dict[str, float]) -> str:
     return "reference" if ref is not None and ref < REFERENCE_MARGIN * tactics[best] else best
 
 
-# relative L2 a tactic may differ from the reference by: the storage type's rounding, accumulated
-# in a different order (fp32 allows TF32 GEMMs in tf32 engines)
-MISMATCH_TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 5e-3, torch.float64: 1e-6}
+MISMATCH_TOL = DEFAULT_TOLERANCE  # a choice without tolerances of its own is held to these
 
 
-def _mismatch(got: Any, want: Any, outputs: Optional[int] = None) -> str:
+def _mismatch(got: Any, want: Any, outputs: Optional[int] = None, choice: Optional[Choice] = None) -> str:
     """'' when a candidate's output matches the reference's, else what differs. ``outputs``: how many
-    outputs the node uses (a reference may return optional outputs the node does not have)."""
+    outputs the node uses (a reference may return optional outputs the node does not have);
+    ``choice``: the candidate, whose tolerances apply (the defaults without one)."""
     gs = list(got) if isinstance(got, tuple) else [got]
     ws = list(want) if isinstance(want, tuple) else [want]
     if outputs is not None:
@@ -410,13 +425,14 @@ def _mismatch(got: Any, want: Any, outputs: Optional[int] = None) -> str:
         if not isinstance(g, torch.Tensor) or tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
             return (f"output {i}: {getattr(g, 'dtype', type(g).__name__)}{list(getattr(g, 'shape', []))}, "
                     f"expected {w.dtype}{list(w.shape)}")
-        if not w.is_floating_point():
+        tol = choice.tolerance_for(w.dtype) if choice is not None else MISMATCH_TOL.get(
+            w.dtype, 1e-2 if w.is_floating_point() else None)
+        if tol is None:  # integers: equal
             if not torch.equal(g, w):
                 return f"output {i}: values differ"
             continue
         gf, wf = (g.double(), w.double()) if w.dtype == torch.float64 else (g.float(), w.float())
         err = float((gf - wf).norm() / wf.norm().clamp_min(1e-30))
-        tol = MISMATCH_TOL.get(w.dtype, 1e-2)
         if not err <= tol:  # NaN fails too
             return f"output {i}: relative L2 {err:.2e} > {tol:.0e}"
     return ""

@@ -91,7 +91,8 @@ def _is_max_pool_2d(node: Node, device: torch.device) -> bool:
     return triton is not None and _pool2d_node(node, device) and node.attrs.get("storage_order", 0) in (0, 1)
 
 
-@tactic("triton.max_pool_nhwc", ("MaxPool",), _is_max_pool_2d)
+@tactic("triton.max_pool_nhwc", ("MaxPool",), _is_max_pool_2d,
+        code=(max_pool_nhwc, _max_pool_nhwc_kernel) if triton is not None else ())
 def triton_max_pool(args: list, attrs: dict, ctx: Any) -> torch.Tensor:
     return max_pool_nhwc(args[0], attrs)
 

@@ -25,6 +25,21 @@ class TileConfig:
     def __str__(self) -> str:
         return f"{self.bm}x{self.bn}x{self.bk},w{self.warps},s{self.stages}"
 
+    @classmethod
+    def parse(cls, text: str) -> "TileConfig":
+        """The inverse of str(): '128x64x32,w4,s4' (a choice's name carries its tile this way)."""
+        try:
+            tile, warps, stages = text.split(",")
+            bm, bn, bk = (int(v) for v in tile.split("x"))
+            if not (warps.startswith("w") and stages.startswith("s")):
+                raise ValueError
+            cfg = cls(bm, bn, bk, int(warps[1:]), int(stages[1:]))
+        except ValueError:
+            raise ValueError(f"'{text}' is not a tile configuration (BMxBNxBK,wWARPS,sSTAGES)") from None
+        if min(bm, bn, bk) < 16 or any(v & (v - 1) for v in (bm, bn, bk)) or not (1 <= cfg.warps <= 32):
+            raise ValueError(f"'{text}': tile sides must be powers of two of at least 16, warps 1..32")
+        return cfg
+
 
 # Hopper fp16/bf16: large tiles for big GEMMs, narrower ones for N = 64..128 and smaller M
 GEMM_CONFIGS = [TileConfig(128, 256, 64, 8, 3), TileConfig(128, 128, 64, 8, 4), TileConfig(128, 128, 32, 4, 4),

@@ -33,6 +33,7 @@ from .kernel_store import note
 from .template_choice import CONV_CONFIGS, GEMM_CONFIGS, TEMPLATES, TileConfig  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
+    from . import Choice
     from .compile_pool import CompileSpec
 
 try:
@@ -550,17 +551,35 @@ def launch_of(tactic_name: str, args: list, attrs: dict) -> Optional[Launch]:
     return None if planned is None else planned[1]
 
 
-def _register() -> None:
-    from . import tactic
+_GEMM_CODE = (_gemm_kernel, _epilogue, _activation, _dot, _tile_ids, gemm_launch)
+_CONV_CODE = (_conv_kernel, _epilogue, _activation, _dot, _tile_ids, conv_launch)
 
-    for cfg in GEMM_CONFIGS:
-        name = f"triton.gemm[{cfg}]"
-        TEMPLATES[name] = ("gemm", cfg)
-        tactic(name, ("ember.Gemm",), gemm_applies, prepare=prepare_gemm_weight)(_gemm_run(cfg))
-    for cfg in CONV_CONFIGS:
-        name = f"triton.conv_nhwc[{cfg}]"
-        TEMPLATES[name] = ("conv", cfg)
-        tactic(name, ("Conv", "ember.Conv"), conv_applies, prepare=prepare_conv_weight)(_conv_run(cfg))
+
+def gemm_choice(cfg: TileConfig) -> "Choice":
+    from . import Choice
+
+    return Choice(f"triton.gemm[{cfg}]", ("ember.Gemm",), gemm_applies, _gemm_run(cfg), prepare_gemm_weight,
+                  family="triton.gemm", params={"tile": cfg}, code=_GEMM_CODE)
+
+
+def conv_choice(cfg: TileConfig) -> "Choice":
+    from . import Choice
+
+    return Choice(f"triton.conv_nhwc[{cfg}]", ("Conv", "ember.Conv"), conv_applies, _conv_run(cfg),
+                  prepare_conv_weight, family="triton.conv_nhwc", params={"tile": cfg}, code=_CONV_CODE)
+
+
+def _register() -> None:
+    from . import FAMILIES, TACTICS
+
+    for kind, configs, make in (("gemm", GEMM_CONFIGS, gemm_choice), ("conv", CONV_CONFIGS, conv_choice)):
+        for cfg in configs:
+            c = make(cfg)
+            TEMPLATES[c.name] = (kind, cfg)
+            TACTICS[c.name] = c
+    # a name with a tile configuration that is not (or no longer) in the lists still binds
+    FAMILIES["triton.gemm"] = lambda text: gemm_choice(TileConfig.parse(text))
+    FAMILIES["triton.conv_nhwc"] = lambda text: conv_choice(TileConfig.parse(text))
 
 
 if triton is not None:
