@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
 import torch
 
-import ember
-from ember.builder.tuner import TimingCache, _mismatch, select_tactics
-from ember.ir.dtypes import DType
-from ember.ir.graph import Graph
-from ember.kernels import QUANTIZED_TOLERANCE, TACTICS, Choice, candidates, get_tactic
-from ember.ops.infer import infer_shapes
+if not torch.cuda.is_available():  # before triton is imported: kernels run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import ember  # noqa: E402
+from ember.builder.tuner import TimingCache, _mismatch, select_tactics  # noqa: E402
+from ember.ir.dtypes import DType  # noqa: E402
+from ember.ir.graph import Graph  # noqa: E402
+from ember.kernels import QUANTIZED_TOLERANCE, TACTICS, Choice, candidates, get_tactic  # noqa: E402
+from ember.ops.infer import infer_shapes  # noqa: E402
 
 pytest.importorskip("triton")
 

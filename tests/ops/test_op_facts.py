@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
 import torch
 
-from ember.ir.dtypes import DType
-from ember.ir.graph import Graph
-from ember.ops import REGISTRY, get, known_ops, op
-from ember.ops.infer import infer_shapes, same_as_input
-from ember.ops.registry import Epilogue, epilogue_ops, shape_rule
-from ember.passes.cleanup import eliminate_common_subexpressions, fold_constants
-from ember.passes.precision import convert_precision
-from ember.passes.rewrite import PassContext
+if not torch.cuda.is_available():  # before triton is imported: kernels run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ember.ir.dtypes import DType  # noqa: E402
+from ember.ir.graph import Graph  # noqa: E402
+from ember.ops import REGISTRY, get, known_ops, op  # noqa: E402
+from ember.ops.infer import infer_shapes, same_as_input  # noqa: E402
+from ember.ops.registry import Epilogue, epilogue_ops, shape_rule  # noqa: E402
+from ember.passes.cleanup import eliminate_common_subexpressions, fold_constants  # noqa: E402
+from ember.passes.precision import convert_precision  # noqa: E402
+from ember.passes.rewrite import PassContext  # noqa: E402
 
 
 @pytest.fixture
@@ -74,7 +78,6 @@ def test_a_random_op_is_never_folded_nor_merged(new_ops):
 
 
 def test_precision_and_lowering_come_from_the_definition(new_ops):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     new_ops("test.Twice", lambda x: x * 2, kind="pointwise", triton="({0} * 2.0)", low_precision="fp32")
     g = Graph()
     x = g.add_input("x", DType.FLOAT32, (2, 3))
