@@ -268,19 +268,20 @@ class GraphRunner:
                 return g
             self._sync()
             g = torch.cuda.CUDAGraph()
-            pool = self._begin(g)
             err: Optional[BaseException] = None
-            try:
-                self.interp.execute(seg.steps, env, at)
-            except BaseException as e:  # an op synced, copied from the host, or the like
-                err = e
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "the CUDA graph is empty": the first step failed
-                    g.capture_end()
-            except Exception as e:  # invalidated: torch threw before ending the pool's routing
-                _end_allocate_to_pool(self.device, pool)
-                err = err or e
+            with torch.cuda.stream(self.stream):  # captures are on the context's stream, never the default one
+                pool = self._begin(g)
+                try:
+                    self.interp.execute(seg.steps, env, at)
+                except BaseException as e:  # an op synced, copied from the host, or the like
+                    err = e
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # "the CUDA graph is empty": the first step failed
+                        g.capture_end()
+                except Exception as e:  # invalidated: torch threw before ending the pool's routing
+                    _end_allocate_to_pool(self.device, pool)
+                    err = err or e
             if err is not None:
                 del g
                 self._sync()
@@ -346,7 +347,8 @@ class GraphRunner:
             plan, sig, boundary = self.pending.pop(0)
             if sig in plan.tails:
                 continue
-            with LAUNCH.writing() if self.cuda else contextlib.nullcontext():
+            with LAUNCH.writing() if self.cuda else contextlib.nullcontext(), \
+                    torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
                 sub = self._capture_tail(plan, boundary, consts)
             if sub is not None:
                 plan.tails[sig] = sub
