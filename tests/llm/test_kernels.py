@@ -259,10 +259,10 @@ def _aot_main() -> None:
              dict(G=1, D=128, BLOCK_D=128, BLOCK_M=64, BLOCK_N=64, PRECISION=prec)),
         ]
         for w in ("*i8", "*fp8e4nv"):
-            for split in (1, 4):
+            for bm, bn, bk, split in ((16, 16, 256, 1), (16, 64, 256, 1), (16, 32, 256, 4), (128, 128, 64, 2)):
                 cases.append((weight_only._w8_matmul, {"x_ptr": p, "w_ptr": w, "s_ptr": "*fp32",
                                                        "y_ptr": p if split == 1 else "*fp32"},
-                              dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT=split, PRECISION=prec)))
+                              dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT=split, PRECISION=prec)))
     failed = []
     for fn, types, consts in cases:
         try:

@@ -2,9 +2,9 @@
 channel; x in fp16/bf16/fp32. W is read at one byte per weight and converted in registers, so a decode
 step (M of 1 to a few dozen rows: a GEMV in all but name) reads half the bytes of fp16 weights.
 
-Small M: few output tiles would leave most SMs idle, so the K dimension is split across programs that add
-their partial sums into an fp32 buffer (split-K); the scale and the cast come after. Large M: plain
-tiles. The tile sizes are chosen by rule (the decode shapes are few and known), not autotuned: an
+Small M: narrow output tiles keep every SM busy; where a layer is too small even for that, the K dimension
+is split across programs that add their partial sums into an fp32 buffer (split-K), scaled and cast
+after. Large M: plain tiles. The tile sizes are chosen by rule (the decode shapes are few and known), not autotuned: an
 autotuner cannot run inside CUDA-graph capture, and the interpreter cannot time anything.
 """
 from __future__ import annotations
@@ -65,16 +65,20 @@ def _sms(device_index: int) -> int:
 
 
 def choose_tiles(M: int, N: int, K: int, sms: int) -> Tiles:
-    """Tiles by rule: decode sizes get narrow N tiles and split-K until the SMs have two programs each."""
+    """Tiles by rule. Decode sizes (M <= 16) narrow the N tiles (64 down to 16 rows of W) until there are
+    two programs per SM; split-K only when even then there is not one per SM (small layers), because its
+    zeroing, atomics and final scaling are three more kernels per layer, which a decode step feels."""
     if M <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+        bm, bn, bk, warps, stages = 16, 64, 256, 4, 4
+        while bn > 16 and triton.cdiv(N, bn) < 2 * sms:
+            bn //= 2
     elif M <= 64:
         bm, bn, bk, warps, stages = 64, 64, 64, 4, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     split = 1
-    while tiles * split < 2 * sms and K // (bk * split * 2) >= 2:
+    while tiles * split < sms and K // (bk * split * 2) >= 2:
         split *= 2
     return Tiles(bm, bn, bk, split, warps, stages)
 
