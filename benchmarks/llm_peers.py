@@ -18,8 +18,9 @@ compared with HF's (fp16; relative L2 reported; above 2e-2 the candidate is mark
 
 Budget: parts run in this order and each is skipped (and reported) when the time left (--budget,
 default 450 s, under the 8 minutes allowed) is less than its estimate: ember fp16 (all metrics), ember
-int8 b1, HF (b1, b8, first token, 256), peer b1 + first token, peer b8, peer int8 b1. The JSON (--out)
-is written after every part; the table is printed last.
+int8 b1, peer b1 + first token, HF (b1, b8, first token, 256), peer b8, peer int8 b1 (``--parts`` picks
+some, so a second call can run what the budget skipped; torch.compile's cache makes its recompiles
+shorter). The JSON (--out) is written after every part; the table is printed last.
 
     PYTHONPATH=src python benchmarks/llm_peers.py --out $OUT/llm_peers.json
     PYTHONPATH=src python benchmarks/llm_peers.py --tiny --device cpu --no-compile --out /tmp/llm.json  # dry run
@@ -169,31 +170,41 @@ def ember_run(engine: Any, prompts: list[list[int]], new: int) -> dict[str, floa
 
 # ---- the gpt-fast-style peer ---------------------------------------------------------------------------------
 class PeerLlama(torch.nn.Module):
-    """gpt-fast's recipe: plain PyTorch, fused QKV and gate/up projections, static KV cache buffers written
-    with index_copy_, SDPA with a boolean mask, one compiled decode step (CUDA graphs via reduce-overhead)."""
+    """gpt-fast's recipe: plain PyTorch, fused QKV and gate/up projections, static KV caches written with
+    index_copy_, SDPA with a boolean mask, one compiled decode step (CUDA graphs via reduce-overhead).
+    Weights and caches are registered buffers (sharing the given tensors), as torch.compile's CUDA graphs
+    want the state a step mutates or reads to be the module's."""
 
     def __init__(self, ecfg: Any, w: dict[str, torch.Tensor], int8: bool = False):
         super().__init__()
-        self.cfg, self.w, self.int8 = ecfg, w, int8
-        self.layers = ecfg.num_layers
         from ember.llm.rope import rope_table
 
-        self.rope = rope_table(ecfg, ecfg.max_position_embeddings, w["tok_embeddings.weight"].device)
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
+        self.cfg, self.int8, self.layers = ecfg, int8, ecfg.num_layers
+        for name, t in w.items():
+            self.register_buffer(name.replace(".", "_"), t, persistent=False)
+        emb = w["tok_embeddings.weight"]
+        self.register_buffer("rope", rope_table(ecfg, ecfg.max_position_embeddings, emb.device), persistent=False)
+        self.tied = "output.weight" not in w
+
+    def t(self, name: str) -> torch.Tensor:
+        return getattr(self, name.replace(".", "_"))
 
     def setup_caches(self, batch: int, max_seq: int) -> None:
         c = self.cfg
-        emb = self.w["tok_embeddings.weight"]
+        emb = self.t("tok_embeddings.weight")
         shape = (batch, c.num_kv_heads, max_seq, c.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=emb.dtype, device=emb.device) for _ in range(self.layers)]
-        self.v_cache = [torch.zeros(shape, dtype=emb.dtype, device=emb.device) for _ in range(self.layers)]
-        self.mask = torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=emb.device))
+        for i in range(self.layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape, dtype=emb.dtype, device=emb.device),
+                                 persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape, dtype=emb.dtype, device=emb.device),
+                                 persistent=False)
+        self.register_buffer("mask", torch.tril(torch.ones(max_seq, max_seq, dtype=torch.bool, device=emb.device)),
+                             persistent=False)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        if self.int8:
-            return F.linear(x, self.w[f"{name}.weight"].to(x.dtype)) * self.w[f"{name}.scale"].to(x.dtype)
-        return F.linear(x, self.w[f"{name}.weight"])
+        if self.int8:  # gpt-fast's WeightOnlyInt8Linear
+            return F.linear(x, self.t(f"{name}.weight").to(x.dtype)) * self.t(f"{name}.scale").to(x.dtype)
+        return F.linear(x, self.t(f"{name}.weight"))
 
     @staticmethod
     def norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -208,31 +219,32 @@ class PeerLlama(torch.nn.Module):
         return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        c, w = self.cfg, self.w
+        c = self.cfg
         B, T = idx.shape
-        x = w["tok_embeddings.weight"][idx]
+        x = self.t("tok_embeddings.weight")[idx]
         mask = self.mask[pos][None, None]
         for i in range(self.layers):
             p = f"layers.{i}"
-            h = self.norm(x, w[f"{p}.attention_norm.weight"], c.rms_norm_eps)
+            h = self.norm(x, self.t(f"{p}.attention_norm.weight"), c.rms_norm_eps)
             q, k, v = self.linear(h, f"{p}.attention.wqkv").split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = self.rot(q.view(B, T, c.num_heads, c.head_dim).transpose(1, 2), pos)
             k = self.rot(k.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2), pos)
             v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            self.k_cache[i].index_copy_(2, pos, k)
-            self.v_cache[i].index_copy_(2, pos, v)
-            y = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
-                                               enable_gqa=c.num_heads != c.num_kv_heads)
+            kc, vc = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=c.num_heads != c.num_kv_heads)
             x = x + self.linear(y.transpose(1, 2).reshape(B, T, c.q_size), f"{p}.attention.wo")
-            h = self.norm(x, w[f"{p}.ffn_norm.weight"], c.rms_norm_eps)
+            h = self.norm(x, self.t(f"{p}.ffn_norm.weight"), c.rms_norm_eps)
             gate, up = self.linear(h, f"{p}.feed_forward.w13").chunk(2, dim=-1)
             x = x + self.linear(F.silu(gate) * up, f"{p}.feed_forward.w2")
-        x = self.norm(x[:, -1:], w["norm.weight"], c.rms_norm_eps)
-        head = w.get("output.weight", w["tok_embeddings.weight"])
+        x = self.norm(x[:, -1:], self.t("norm.weight"), c.rms_norm_eps)
+        head = self.t("tok_embeddings.weight") if self.tied else self.t("output.weight")
         return F.linear(x, head)[:, -1].float()
 
 
-def peer_steps(model: PeerLlama, compile_: bool) -> tuple[Callable, Callable]:
+def peer_steps(model: PeerLlama, compile_: bool, compile_prefill: bool = True) -> tuple[Callable, Callable]:
+    """The compiled steps; prefill is compiled only where its time is measured (first token at b1)."""
     def prefill(idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return model(idx, pos).argmax(-1)
 
@@ -241,7 +253,8 @@ def peer_steps(model: PeerLlama, compile_: bool) -> tuple[Callable, Callable]:
 
     if compile_:
         decode = torch.compile(decode, mode="reduce-overhead", fullgraph=True)
-        prefill = torch.compile(prefill, fullgraph=True, dynamic=False)
+        if compile_prefill:
+            prefill = torch.compile(prefill, fullgraph=True, dynamic=False)
     return prefill, decode
 
 
@@ -254,8 +267,10 @@ def peer_generate(model: PeerLlama, prefill: Callable, decode: Callable, prompts
         tok = prefill(prompts, torch.arange(T, device=dev))
         sync(dev)
         t_first = time.perf_counter()
-        for i in range(new - 1):
-            tok = decode(tok.view(B, 1).clone(), torch.tensor([T + i], device=dev))
+        pos = torch.tensor([T], device=dev)
+        for _ in range(new - 1):
+            tok = decode(tok.view(B, 1).clone(), pos)
+            pos += 1
     sync(dev)
     end = time.perf_counter()
     return {"ttft": t_first - t0, "decode_tps": B * (new - 1) / (end - t_first), "wall": end - t0}
@@ -316,6 +331,8 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="the peer without torch.compile")
     ap.add_argument("--concurrent", type=int, default=256)
     ap.add_argument("--kv-gib", type=float, default=40.0, help="ember's KV cache")
+    ap.add_argument("--parts", default="ember,ember-int8,peer-b1,hf,peer-b8,peer-int8",
+                    help="which parts, in this order (a second call can run what the budget skipped)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -433,7 +450,8 @@ def main() -> int:
             with torch.inference_mode():
                 logits = model(torch.tensor([prompt], device=dev), torch.arange(PROMPT, device=dev))[0]
             res["peer"]["logits_rel_l2"] = rel_l2(logits, ref_logits)
-        prefill, decode = peer_steps(model, not args.no_compile and dev.type == "cuda")
+        prefill, decode = peer_steps(model, not args.no_compile and dev.type == "cuda", compile_prefill=batch == 1
+                                     and not int8)
         prompts = torch.tensor([prompt] if batch == 1 else many[:batch], device=dev)
         t = time.perf_counter()
         peer_generate(model, prefill, decode, prompts, 8, dev)  # compiles
@@ -448,10 +466,16 @@ def main() -> int:
 
     cuda = dev.type == "cuda"
     compile_s = 0 if args.no_compile or not cuda else 120
-    plan = [("ember fp16", 120 if cuda else 10, ember_fp16), ("ember int8", 60 if cuda else 10, ember_int8),
-            ("HF", 60 if cuda else 10, hf_parts), ("peer b1", 30 + compile_s, lambda: peer(1, False)),
-            ("peer b8", 20 + compile_s, lambda: peer(8, False)), ("peer int8 b1", 30 + compile_s, lambda: peer(1, True))]
-    for name, estimate, fn in plan:
+    plan = {"ember": (120 if cuda else 10, ember_fp16), "ember-int8": (60 if cuda else 10, ember_int8),
+            "peer-b1": (30 + compile_s, lambda: peer(1, False)), "hf": (60 if cuda else 10, hf_parts),
+            "peer-b8": (20 + compile_s // 2, lambda: peer(8, False)),
+            "peer-int8": (30 + compile_s // 2, lambda: peer(1, True))}
+    wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in plan]
+    if unknown:
+        ap.error(f"unknown parts {unknown}; parts: {', '.join(plan)}")
+    for name in wanted:
+        estimate, fn = plan[name]
         if budget.allows(estimate, name, res):
             part(name, fn)
             if cuda:
