@@ -212,11 +212,11 @@ class AsyncLLM:
             elif st.last is not None:
                 t.inter_token.append(now - st.last)
             st.last = now
-            st.put(o)
-            if o.finished:
+            if o.finished:  # recorded before the caller can see the end (and, say, swap the observer)
                 self._streams.pop(o.request_id, None)
                 t.end, t.finish_reason = now - t.arrival, o.finish_reason
                 t.prompt_tokens, t.completion_tokens, t.cached_tokens = (o.prompt_tokens, o.completion_tokens,
                                                                          o.cached_tokens)
                 self.observer.request_done(t)
+            st.put(o)
 
