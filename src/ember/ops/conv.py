@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from ..ir.dtypes import DType
 from ..ir.graph import Node
 from .nn import CONV_T_FN, compute_dtype, conv_fn, output_size, resolve_pads, same_pads, torch_pad_arg, window
-from .registry import op, shape_rule
+from .registry import QuantSpec, op, shape_rule
+
+# INT8/FP8: the input activation per tensor, the weight per output channel (axis 0)
+CONV_QUANT = QuantSpec(activations=("x",), weight="w", weight_axis=lambda attrs: 0, quantized_op="ember.QConv")
 
 
 def _conv_core(x: torch.Tensor, w: torch.Tensor, *, auto_pad: str, dilations, group: int, kernel_shape,
@@ -31,7 +34,7 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(1, -1, *([1] * (ndim - 2))) if t.numel() > 1 else t.reshape(())
 
 
-@op("Conv", kind="anchor", low_precision="all")
+@op("Conv", kind="anchor", low_precision="all", quant=CONV_QUANT)
 def conv(x, w, b=None, *, auto_pad: str = "NOTSET", dilations: list = None, group: int = 1,
          kernel_shape: list = None, pads: list = None, strides: list = None):
     ct = compute_dtype(x)

@@ -19,7 +19,8 @@ import torch
 
 from ..ir.graph import Node, Value
 from ..ir.shapes import broadcast_shapes
-from .registry import OpContext, get, op, shape_rule
+from .conv import CONV_QUANT
+from .registry import OpContext, QuantSpec, get, op, shape_rule
 
 CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
 
@@ -37,7 +38,9 @@ def apply_activation(y: torch.Tensor, activation: str, keys: Optional[list], val
     return get(activation).call([y], attrs, OpContext(num_outputs=1))
 
 
-@op("ember.Gemm", kind="anchor", low_precision="all")
+@op("ember.Gemm", kind="anchor", low_precision="all",
+    quant=QuantSpec(activations=("a",), weight="b", weight_axis=lambda attrs: 0 if attrs.get("trans_b") else 1,
+                    quantized_op="ember.QGemm"))
 def fused_gemm(a, b, bias=None, residual=None, *, trans_b: int = 0, alpha: float = 1.0, activation: str = "",
                act_keys: Optional[list] = None, act_values: Optional[list] = None, act_after_residual: int = 0):
     """GEMM over any batch rank with a bias / activation / residual epilogue."""
@@ -59,7 +62,7 @@ def epilogue(y: torch.Tensor, residual: Optional[torch.Tensor], activation: str,
     return y if residual is None else y + residual.to(y.dtype)
 
 
-@op("ember.Conv", kind="anchor", low_precision="all")
+@op("ember.Conv", kind="anchor", low_precision="all", quant=CONV_QUANT)
 def fused_conv(x, w, bias=None, residual=None, *, auto_pad: str = "NOTSET", dilations: Optional[list] = None,
                group: int = 1, kernel_shape: Optional[list] = None, pads: Optional[list] = None,
                strides: Optional[list] = None, activation: str = "", act_keys: Optional[list] = None,

@@ -4,7 +4,8 @@
     level 1  cleanup: constant and shape folding, constant Ifs inlined and loop invariants forwarded,
              no-op removal, CSE, dead code
     level 2  + BatchNorm/scale folding, MatMul+Add -> GEMM, epilogues, pattern recognition
-             (LayerNorm, RMSNorm, GELU, SiLU, HardSwish, Softmax, attention), fusion groups
+             (LayerNorm, RMSNorm, GELU, SiLU, HardSwish, Softmax, attention), quantized models onto
+             INT8/FP8 anchors (Q/DQ pairs, QOperator forms: qdq.py), fusion groups
     level 3  + horizontal GEMM merging (Q/K/V projections sharing an input -> one GEMM), attention on
              the (B, S, hidden) layout (head split/merge transposes absorbed)
 
@@ -30,6 +31,7 @@ from .fusion import group_fusions
 from .gemm_merge import merge_parallel_gemms
 from .noops import remove_noops
 from .patterns import recognize_patterns
+from .qdq import fold_quantization
 from .rewrite import PassContext
 from .scope import check_scopes, nested_graphs
 
@@ -38,12 +40,14 @@ MAX_ROUNDS = 8
 
 CLEANUP: list[Pass] = [fold_shapes, fold_constants, simplify_control_flow, remove_noops, eliminate_common_subexpressions,
                        remove_dead_code]
+# quantized models: Q/DQ onto quantized anchors before constant folding dequantizes their weights
+QUANTIZED: list[Pass] = CLEANUP[:1] + [fold_quantization] + CLEANUP[1:]
 LEVELS: dict[int, tuple[list[Pass], list[Pass]]] = {
     0: ([], []),
     1: (CLEANUP, []),
-    2: (CLEANUP + [recognize_patterns, recognize_attention, fold_into_anchors, fuse_epilogues], [group_fusions]),
-    3: (CLEANUP + [recognize_patterns, recognize_attention, absorb_head_layout, fold_into_anchors,
-                   merge_parallel_gemms, fuse_epilogues], [group_fusions]),
+    2: (QUANTIZED + [recognize_patterns, recognize_attention, fold_into_anchors, fuse_epilogues], [group_fusions]),
+    3: (QUANTIZED + [recognize_patterns, recognize_attention, absorb_head_layout, fold_into_anchors,
+                     merge_parallel_gemms, fuse_epilogues], [group_fusions]),
 }
 
 

@@ -109,7 +109,10 @@ class _Conversion:
             return None
         outs = [Value(ed.fresh_name(o.name + ".low"), self.low if retype and o.dtype == DType.FLOAT32 else o.dtype,
                       o.shape) for o in node.outputs]
-        new = Node(node.op, inputs, outs, dict(node.attrs), name=node.name, meta=dict(node.meta))
+        attrs = dict(node.attrs)
+        if retype and attrs.get("output_dtype") == DTYPE_TO_ONNX[DType.FLOAT32]:  # a float output type it names
+            attrs["output_dtype"] = DTYPE_TO_ONNX[self.low]
+        new = Node(node.op, inputs, outs, attrs, name=node.name, meta=dict(node.meta))
         for o in outs:
             o.producer = new
         self.done.add(id(new))
