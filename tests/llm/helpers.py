@@ -178,7 +178,8 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
 
 # -- tiny GGUF files (llama.cpp's conventions: permuted q/k, quantized blocks, a sentencepiece vocabulary) ---
 SPM_PIECES = ["\u2581", "t", "h", "e", "a", "c", "o", "\u2581t", "he", "\u2581the", "\u2581c", "at", "\u2581cat",
-              "\u2581a", "n", "\u2581an", "s", "\u2581s", "\u2581sat", "on", "\u2581on", "d", "\u2581do", "g", "\u2581dog"]
+              "\u2581a", "n", "\u2581an", "s", "\u2581s", "\u2581sat", "on", "\u2581on", "d", "\u2581do", "g",
+              "\u2581dog"]
 
 
 def spm_vocab() -> tuple[list[str], list[float], list[int]]:

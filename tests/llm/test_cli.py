@@ -70,8 +70,8 @@ def test_smollm2_q4_keeps_the_gguf_blocks_and_int8_still_answers(smollm2: LLMEng
     assert q4.model.layers[0].wqkv.scheme == "q4"
     assert torch.allclose(q4.next_token_logits(ids), ref, rtol=0, atol=1e-4)
     int8 = LLMEngine.load(smollm2_path, device="cpu", dtype="fp32", weights="int8")
-    text = "".join(o.text for o in int8.stream("What is the capital of France?", SamplingParams(temperature=0.0,
-                                                                                               max_tokens=16), chat=True))
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    text = "".join(o.text for o in int8.stream("What is the capital of France?", greedy, chat=True))
     assert text == "The capital of France is Paris."
 
 

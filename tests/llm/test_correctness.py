@@ -70,8 +70,9 @@ def test_tiny_gguf_matches_transformers(tmp_path: Path, qtype: str):
 
 
 # -- SmolLM2-135M-Instruct ----------------------------------------------------------------------------------
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one sentence.",
-             "List three primary colors.", "How do I boil an egg?", "What is machine learning?",
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+             "Explain photosynthesis in one sentence.", "List three primary colors.", "How do I boil an egg?",
+             "What is machine learning?",
              "Translate 'good morning' into Spanish.", "Give me a tip for better sleep.", "Who wrote Romeo and Juliet?",
              "Why is the sky blue?"]
 COMPLETIONS = ["The quick brown fox", "Once upon a time, in a small village,", "def fibonacci(n):",

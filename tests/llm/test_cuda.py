@@ -20,8 +20,8 @@ PARIS = "The capital of France is Paris."
 
 
 def _answer(llm: LLMEngine) -> str:
-    return "".join(o.text for o in llm.stream("What is the capital of France?", SamplingParams(temperature=0.0,
-                                                                                              max_tokens=32), chat=True))
+    greedy = SamplingParams(temperature=0.0, max_tokens=32)
+    return "".join(o.text for o in llm.stream("What is the capital of France?", greedy, chat=True))
 
 
 def test_fp32_on_the_gpu_matches_transformers(smollm2_path: Path, smollm2_hf):

@@ -3,8 +3,6 @@ penalty, temperature, top-k, top-p, min-p), OpenAI's presence/frequency formula 
 draws, seeds, logprobs; then stop strings, stop tokens and max tokens through the engine."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -206,9 +204,10 @@ def test_engine_stops_on_strings_tokens_and_length(tiny: LLMEngine):
     saved, tiny.tokenizer.stop_token_ids = tiny.tokenizer.stop_token_ids, frozenset({free.token_ids[2]})
     try:  # the model's end-of-sequence tokens end a generation, unless ignore_eos
         eos = tiny.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30))[0]
-        assert eos.finish_reason == "stop" and eos.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[2]) + 1]
-        assert tiny.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0].token_ids == \
-            free.token_ids
+        first = free.token_ids.index(free.token_ids[2])
+        assert eos.finish_reason == "stop" and eos.token_ids == free.token_ids[: first + 1]
+        past = tiny.generate([prompt], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
+        assert past.token_ids == free.token_ids
     finally:
         tiny.tokenizer.stop_token_ids = saved
     assert tiny.kv_usage() == 0.0

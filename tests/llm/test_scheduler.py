@@ -4,8 +4,6 @@ recompute, prefix caching, the bounded queue, aborts that free KV blocks, and th
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -137,7 +137,8 @@ class AsyncLLM:
 
     def stats(self) -> dict[str, float]:
         s = self.engine.scheduler
-        return {"running": len(s.running), "waiting": len(s.waiting) + self._pending, "kv_usage": self.engine.kv_usage(),
+        return {"running": len(s.running), "waiting": len(s.waiting) + self._pending,
+                "kv_usage": self.engine.kv_usage(),
                 "preemptions": s.preemptions, "steps": self.engine.steps}
 
     # -- the engine thread ---------------------------------------------------------------------------------------

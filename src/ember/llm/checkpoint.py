@@ -122,7 +122,8 @@ def _safetensors_reader(folder: Path) -> Callable[[str], Optional[torch.Tensor]]
     return get
 
 
-def map_hf_weights(cfg: ModelConfig, get: Callable[[str], Optional[torch.Tensor]], where: str) -> dict[str, torch.Tensor]:
+def map_hf_weights(cfg: ModelConfig, get: Callable[[str], Optional[torch.Tensor]],
+                   where: str) -> dict[str, torch.Tensor]:
     """transformers' names -> ember's, fusing q/k/v and gate/up (Baichuan's W_pack is already fused)."""
     def need(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         t = get(name)

@@ -170,7 +170,8 @@ def _weights(cfg: ModelConfig, tensors: dict[str, Any], path: Path, keep_q4: boo
         b, dst = f"blk.{i}", f"layers.{i}"
         out[f"{dst}.attention.wqkv.weight"] = cat([
             permuted(need(f"{b}.attn_q.weight", q, h, True), cfg.num_heads),
-            permuted(need(f"{b}.attn_k.weight", kv, h, True), cfg.num_kv_heads), need(f"{b}.attn_v.weight", kv, h, True)])
+            permuted(need(f"{b}.attn_k.weight", kv, h, True), cfg.num_kv_heads),
+            need(f"{b}.attn_v.weight", kv, h, True)])
         if cfg.qkv_bias:
             out[f"{dst}.attention.wqkv.bias"] = torch.cat([need(f"{b}.attn_q.bias", q), need(f"{b}.attn_k.bias", kv),
                                                            need(f"{b}.attn_v.bias", kv)])
@@ -242,12 +243,13 @@ def gguf_tokenizer(meta: GGUFMetadata) -> TokenizerSpec:
                                                           special_tokens=[(bos, bos_id)])
     stops = tuple(int(t) for t in (eos_id, meta.get("tokenizer.ggml.eot_token_id", None)) if t is not None)
     return TokenizerSpec(tokenizer_json=tk.to_str(), chat_template=meta.get("tokenizer.chat_template", None),
-                         bos_token=bos, eos_token=eos, add_bos_token=add_bos, stop_token_ids=tuple(dict.fromkeys(stops)))
+                         bos_token=bos, eos_token=eos, add_bos_token=add_bos,
+                         stop_token_ids=tuple(dict.fromkeys(stops)))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map of byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -263,7 +265,8 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     (transformers' generate_merges)."""
     merges = []
     for piece, score in scores.items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
         local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
         merges.extend(local)
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)

@@ -79,7 +79,8 @@ class SamplingParams:
                 raise bad(name, "must be in [-2, 2]")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise bad("seed", "must be an integer")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop) or len(self.stop) > 16:
+        stops_ok = isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop)
+        if not stops_ok or len(self.stop) > 16:
             raise bad("stop", "must be at most 16 non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be integers")
