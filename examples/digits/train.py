@@ -1,13 +1,18 @@
 """Train the example model shipped in this folder: a small CNN for scikit-learn's 8x8 digits.
 
-    pip install scikit-learn && python examples/digits/train.py
+    pip install scikit-learn && python examples/digits/train.py [--data-only]
 
-Writes digits_cnn.onnx (logits and predicted digit, dynamic batch) and samples.npz
-(16 held-out images under key "image", their labels under "label").
+Writes digits_cnn.onnx (logits and predicted digit, dynamic batch), samples.npz (16 held-out
+images under key "image", their labels under "label") and digits_data.npz: the split it trains on,
+as the 8x8 pixel values 0..16 of scikit-learn's digits (an image is pixels / 16, as float32):
+"train_pixels"/"train_label" (1500 images: calibration data for INT8 builds) and
+"test_pixels"/"test_label" (297 held-out images). ``--data-only`` writes digits_data.npz alone,
+the same split again (torch's seeded permutation), without training.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -31,7 +36,7 @@ class DigitsCNN(nn.Module):
         return logits, logits.argmax(dim=1)
 
 
-def main() -> None:
+def main(data_only: bool = False) -> None:
     from sklearn.datasets import load_digits
 
     torch.manual_seed(0)
@@ -41,6 +46,11 @@ def main() -> None:
     perm = torch.randperm(len(x))
     x, y = x[perm], y[perm]
     xtr, ytr, xte, yte = x[:1500], y[:1500], x[1500:], y[1500:]
+    pixels = d.images[perm.numpy()].astype(np.uint8)[:, None]  # 0..16, the values x was made from
+    np.savez_compressed(os.path.join(HERE, "digits_data.npz"), train_pixels=pixels[:1500],
+                        train_label=ytr.numpy(), test_pixels=pixels[1500:], test_label=yte.numpy())
+    if data_only:
+        return
     model = DigitsCNN()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for epoch in range(30):
@@ -61,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(data_only="--data-only" in sys.argv[1:])

@@ -26,6 +26,7 @@ from .fidelity import DEFAULT_BUDGET, parse_budget
 from .mixed_precision import build_low_precision
 from .precision import KeptLayer
 from .profiles import bind_static_shapes, check_profiles, opt_feeds, profile_feeds, tuning_profiles
+from .quantize import CalibrationOptions
 from .tuner import TimingCache, default_cache_path, select_tactics
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -51,6 +52,17 @@ class BuilderConfig:
     # fp16/bf16: the relative L2 distance from fp32 the engine's outputs may have on the tuning
     # inputs; layers that drift are kept fp32 until it holds. None, "none" or "off": no check
     fidelity_budget: "float | str | None" = DEFAULT_BUDGET
+    # INT8/FP8 (builder/quantize.py): "int8" or "fp8"; the float layers follow ``precision``
+    quantize: Optional[str] = None
+    calibration: Any = None  # the data: a path (folder of .npz/.npy or images, one .npz, a .txt) or an iterable
+    calib_method: Optional[str] = None  # entropy | minmax | percentile | mse (default: entropy; fp8: minmax)
+    calib_samples: Optional[int] = 512  # at most this many samples (None: all)
+    calib_cache: Optional[str] = None  # a readable text file of the ranges, reused while the graph is the same
+    calib_options: CalibrationOptions = field(default_factory=CalibrationOptions)
+    smooth_alpha: "float | str | None" = None  # SmoothQuant's alpha for the GEMMs' activations (None: off)
+    # the relative L2 distance from fp32 the quantized engine may have on held-out data ("1%"); the
+    # most sensitive layers stay in floating point until it holds. None: quantize every layer
+    accuracy_budget: "float | str | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -122,6 +134,9 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     tuning = tuning_profiles(graph, profiles)  # every input's shapes to tune at (chosen, with a warning, if not given)
     low = {"fp16": DType.FLOAT16, "bf16": DType.BFLOAT16}.get(config.precision)
     budget = parse_budget(config.fidelity_budget)  # checked in every build: a typo is an error, not a default
+    quantization = None
+    if config.quantize is not None:
+        graph, quantization = _quantize(graph, config, device)
     cache = None
     if device.type == "cuda":
         cache = TimingCache.open(default_cache_path() if config.timing_cache == "default" else config.timing_cache)
@@ -174,6 +189,8 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         manifest["allow_tf32"] = True
     if fidelity is not None:
         manifest["fidelity"] = fidelity  # the fp16/bf16 check: budget, output drift before and after
+    if quantization is not None:
+        manifest["quantization"] = quantization.manifest  # INT8/FP8: calibration, layers, the accuracy budget
     # the shapes the engine was tuned and planned at (a profile's opt shapes, or the ones chosen)
     opt = tuning[0] if tuning else {}
     manifest["tuned_shapes"] = {v.name: [int(d) for d in opt[v.name][1]] if v.name in opt else
@@ -192,6 +209,28 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     engine.build_report = report  # type: ignore[attr-defined]
     engine.tuning = tune  # type: ignore[attr-defined]  (per-node timings of this build; None off CUDA)
     return engine
+
+
+def _quantize(graph: Graph, config: BuilderConfig, device: torch.device) -> "tuple[Graph, Any]":
+    """The INT8/FP8 graph of an optimized fp32 graph (builder/quantize.py), its fusion groups made again."""
+    from ..quant import parse_budget as parse_accuracy_budget
+    from .mixed_precision import regroup
+    from .quantize import build_quantized
+
+    alpha = config.smooth_alpha
+    if isinstance(alpha, str):
+        alpha = None if alpha.strip().lower() in ("none", "off", "") else float(alpha)
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise EmberError(f"SmoothQuant alpha {alpha} must be between 0 and 1 (0.5 balances activation and weight "
+                         "ranges)")
+    q = build_quantized(graph, config.quantize, device, config.calibration, method=config.calib_method,
+                        samples=config.calib_samples, cache_path=config.calib_cache, options=config.calib_options,
+                        smooth_alpha=alpha, budget=parse_accuracy_budget(config.accuracy_budget),
+                        progress=config.progress)
+    regroup(q.graph, config.opt_level)  # the quantized anchors and what is left of the Q/DQ pairs
+    if config.debug:
+        verify(q.graph, known_ops())
+    return q.graph, q
 
 
 def _source_info(model: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`ember build model.onnx -o model.engine [--fp16] [--shapes ...|--min/opt/max-shapes ...]`."""
+"""`ember build model.onnx -o model.engine [--fp16] [--int8 --calib DATA] [--shapes ...|--min/opt/max-shapes ...]`."""
 from __future__ import annotations
 
 import os
@@ -24,6 +24,61 @@ def _profiles(mins: tuple[str, ...], opts: tuple[str, ...], maxs: tuple[str, ...
             raise EmberError(f"profile {i}: --min/--opt/--max-shapes must name the same inputs")
         out.append({n: (lo_s[n], opt_s[n], hi_s[n]) for n in lo_s})
     return out
+
+
+def quant_options(fn: Any) -> Any:
+    """The INT8/FP8 flags (builder/quantize.py), passed to build_cmd in its ``quant`` keywords."""
+    opts = [
+        click.option("--int8", "quantize", flag_value="int8", help="INT8 layers from calibration data (--calib); the "
+                     "others in the float precision (--fp16 for fp16)."),
+        click.option("--fp8", "quantize", flag_value="fp8", help="FP8 (E4M3) layers from calibration data: per-tensor "
+                     "activation and per-channel weight scales (Ada/Hopper GPUs; the CPU emulates the numerics)."),
+        click.option("--calib", "calibration", metavar="DATA", help="Calibration data: a folder of .npz/.npy files "
+                     "(keys: input names) or images, one .npz, or a .txt of sentences (with --tokenizer)."),
+        click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile", "mse"]), default=None,
+                     help="Activation ranges: KL entropy over 2048-bin histograms (int8 default), max (fp8 default), "
+                     "99.99th percentile, or least squared error."),
+        click.option("--calib-samples", type=click.IntRange(1), default=512, show_default=True,
+                     help="Calibrate on at most this many samples."),
+        click.option("--calib-batch", type=click.IntRange(1), default=8, show_default=True,
+                     help="Samples per calibration run."),
+        click.option("--calib-cache", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Calibration cache (text): reused while the model and options are the same."),
+        click.option("--calib-preprocess", metavar="SPEC", help="Images: resize=256,crop=224,scale=1/255,"
+                     "mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW."),
+        click.option("--tokenizer", type=click.Path(exists=True), help="Text calibration data: tokenizer.json or its "
+                     "folder."),
+        click.option("--seq-len", type=click.IntRange(1), default=128, show_default=True,
+                     help="Text calibration data: tokens per sentence (padded or cut)."),
+        click.option("--smooth-alpha", default="none", show_default=True, metavar="A|none",
+                     help="SmoothQuant for the GEMMs' activations: migrate range to the weights with alpha A "
+                     "(0.5 balances them)."),
+        click.option("--accuracy-budget", default=None, metavar="X%",
+                     help="Keep the layers most sensitive to quantization in floating point until the outputs are "
+                     "within X (relative L2 from fp32) on held-out data."),
+        click.option("--accuracy-data", metavar="DATA", help="Held-out data for --accuracy-budget [default: the "
+                     "last 20% of the calibration samples]."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def quant_kwargs(q: dict[str, Any]) -> dict[str, Any]:
+    """build() keywords from the INT8/FP8 flags."""
+    from ..builder.quantize import CalibrationOptions
+
+    if q["quantize"] is None:
+        given = [k for k in ("calibration", "calib_cache", "accuracy_budget", "accuracy_data") if q.get(k)]
+        if given:
+            raise EmberError(f"--{given[0].replace('_', '-')} is for INT8/FP8 builds: add --int8 or --fp8")
+        return {}
+    return dict(quantize=q["quantize"], calibration=q["calibration"], calib_method=q["calib_method"],
+                calib_samples=q["calib_samples"], calib_cache=q["calib_cache"], smooth_alpha=q["smooth_alpha"],
+                accuracy_budget=q["accuracy_budget"],
+                calib_options=CalibrationOptions(batch_size=q["calib_batch"], preprocess=q["calib_preprocess"],
+                                                 tokenizer=q["tokenizer"], seq_len=q["seq_len"],
+                                                 accuracy_data=q["accuracy_data"]))
 
 
 @click.command("build")
@@ -54,13 +109,14 @@ def _profiles(mins: tuple[str, ...], opts: tuple[str, ...], maxs: tuple[str, ...
 @click.option("--fidelity-budget", default="1e-2", show_default=True, metavar="X|none",
               help="fp16/bf16: the relative L2 distance from fp32 the engine's outputs may have on the tuning "
                    "inputs; layers that drift more are kept fp32. 'none' skips the check.")
+@quant_options
 @click.option("--debug", is_flag=True, help="Verify the graph after every optimization pass.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the optimized graph.")
 def build_cmd(model: str, output: "str | None", device: str, precision: str, shapes: tuple[str, ...],
               min_shapes: tuple[str, ...], opt_shapes: tuple[str, ...], max_shapes: tuple[str, ...],
               opt_level: int, builder_level: int, timing_cache: str, workspace: "float | None",
               rebuild_from: "str | None", debug: bool, verbose: bool, sign_key: "str | None",
-              fidelity_budget: str) -> None:
+              fidelity_budget: str, **quant: Any) -> None:
     """Build an engine from an ONNX MODEL."""
     import ember
     from ..builder.profiles import TuningShapeWarning
@@ -76,6 +132,7 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
     from ..runtime.signing import load_key
 
     key = load_key(sign_key) if sign_key else None  # a bad key file fails before the build, not after it
+    quantization = quant_kwargs(quant)  # (a flag without --int8/--fp8 fails before the build)
     t0 = time.perf_counter()
     with BuildProgress(console) as progress, warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always", TuningShapeWarning)
@@ -83,7 +140,7 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
             model, device=device, opt_level=opt_level, debug=debug, precision=precision,
             shapes=parse_shapes(shapes), profiles=_profiles(min_shapes, opt_shapes, max_shapes),
             builder_level=builder_level, timing_cache=None if timing_cache == "none" else timing_cache,
-            workspace=workspace, fidelity_budget=fidelity_budget, progress=progress)
+            workspace=workspace, fidelity_budget=fidelity_budget, progress=progress, **quantization)
     for w in said:  # the builder's warnings, said as the build's own lines (not Python's warning format)
         if issubclass(w.category, TuningShapeWarning):
             console.print(f"[yellow]note:[/] {w.message}", highlight=False)
@@ -125,7 +182,9 @@ class BuildProgress:
     """A bar per build stage (compiling kernels, tuning, fidelity) naming what is worked on, under a
     line for the rest. Receives builder.progress.Progress values (plain strings also work)."""
 
-    LABELS = {"compile": "compiling kernels", "tune": "tuning", "fidelity": "fp16/bf16 fidelity"}
+    LABELS = {"compile": "compiling kernels", "tune": "tuning", "fidelity": "fp16/bf16 fidelity",
+              "calibrate": "calibrating", "calibrate (SmoothQuant ranges)": "SmoothQuant ranges",
+              "sensitivity": "layer sensitivity"}
 
     def __init__(self, console: Any):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -156,8 +215,31 @@ class BuildProgress:
                          description=f"{label} {item}" if item else label)
 
 
+def _print_quantization(console: Any, m: dict) -> None:
+    """An INT8/FP8 engine: its calibration, the layers quantized, and those the budget kept in float."""
+    q = m.get("quantization")
+    if not q:
+        return
+    cal = q.get("calibration") or {}
+    console.print(f"  {q['type']}: {q['layers']} of {q['layers_total']} layers quantized; calibration "
+                  f"{cal.get('method')} "
+                  f"on {cal.get('samples')} samples of {cal.get('data')}"
+                  + (" (from the cache)" if cal.get("cached") else "")
+                  + (f", SmoothQuant alpha {cal['smooth_alpha']}" if cal.get("smooth_alpha") is not None else ""),
+                  markup=False)
+    acc = q.get("accuracy")
+    if acc:
+        verdict = "within" if acc.get("within_budget") else "NOT within"
+        console.print(f"  accuracy on {acc.get('held_out_samples')} held-out samples: {acc['error_all_quantized']:.1e} "
+                      f"from fp32 with every layer quantized -> {acc['error']:.1e} as built, {verdict} the budget "
+                      f"{acc['budget']:.1e} ({acc['runs']} runs, {acc['seconds']:.1f} s)", markup=False)
+    for entry in q.get("kept_layers", []):
+        console.print(f"    kept in {m.get('precision')}: {entry}", markup=False)
+
+
 def _print_precision(console: Any, m: dict) -> None:
     """The layers a reduced-precision engine computes in fp32, by reason, and the fidelity check."""
+    _print_quantization(console, m)
     layers = m.get("fp32_layers") or []
     fid = m.get("fidelity")
     if fid and ("error" in fid or "skipped" in fid):

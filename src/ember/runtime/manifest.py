@@ -202,6 +202,7 @@ _OPTIONAL: dict[str, Callable[[str, Any], Any]] = {
     "tuned_shapes": _shapes,  # the input shapes tactics were timed and memory planned at
     "fusion_groups": lambda f, v: _str_list(f, v),  # groups given a generated kernel at build (a loss at load is an error)
     "fidelity": _obj,  # the fp16/bf16 check's budget and drift (printed, never acted on)
+    "quantization": _obj,  # INT8/FP8: calibration, layers quantized and kept, the accuracy budget (printed)
     "kind": lambda f, v: _str(f, v, 16, re.compile(r"(model|llm)\Z")),  # "llm": an LLM engine (ember.llm)
     "llm": _obj,
 }
