@@ -51,7 +51,9 @@ CONV_CONFIGS = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4), T
 # tactic name -> ("gemm" | "conv", its tile configuration); triton_templates registers them
 TEMPLATES: dict[str, tuple[str, TileConfig]] = {}
 # builder level -> template configurations timed per layer (0: all)
-KEEP_BY_LEVEL = {0: 1, 1: 2, 2: 3, 3: 4, 4: 0, 5: 0}
+# level 2 (the default) times every configuration: with compiles in parallel workers a ResNet-50 b256
+# fp16 build took 11 s instead of 6.3 s on the H200, and ran 6.58 ms instead of 6.99 ms (3 kept)
+KEEP_BY_LEVEL = {0: 1, 1: 3, 2: 0, 3: 0, 4: 0, 5: 0}
 SHARED_MEMORY = 227 * 1024  # bytes of shared memory a CTA may use per SM on sm_90
 FULL_SM_WARPS = 8  # warps that keep one SM's tensor cores busy
 
