@@ -142,6 +142,7 @@ def _register_tactics() -> None:
     from . import vendor  # noqa: F401  (registers the vendor tactics)
     from . import pool  # noqa: F401  (pooling tactics)
     from . import triton_templates  # noqa: F401  (registers the Triton GEMM/conv template tactics)
+    from . import quantized  # noqa: F401  (INT8/FP8 GEMM and conv choices)
     from . import rnn  # noqa: F401  (cuDNN LSTM)
 
 

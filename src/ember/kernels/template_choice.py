@@ -48,7 +48,7 @@ GEMM_CONFIGS = [TileConfig(128, 256, 64, 8, 3), TileConfig(128, 128, 64, 8, 4), 
 CONV_CONFIGS = [TileConfig(128, 128, 64, 8, 3), TileConfig(128, 64, 64, 4, 4), TileConfig(256, 64, 64, 8, 3),
                 TileConfig(128, 256, 64, 8, 3), TileConfig(128, 64, 32, 4, 4), TileConfig(64, 128, 64, 4, 4)]
 
-# tactic name -> ("gemm" | "conv", its tile configuration); triton_templates registers them
+# tactic name -> (kind: gemm, conv, qgemm or qconv; its tile configuration): the template modules register them
 TEMPLATES: dict[str, tuple[str, TileConfig]] = {}
 # builder level -> template configurations timed per layer (0: all)
 # level 2 (the default) times every configuration: with compiles in parallel workers a ResNet-50 b256
@@ -62,7 +62,7 @@ def problem_size(kind: str, args: list, attrs: dict) -> "tuple[int, int, int] | 
     """(M, N, K) of the GEMM a template computes for these inputs (a conv's implicit GEMM:
     M = N*OH*OW, N = Cout, K = KH*KW*Cin), or None if it cannot tell."""
     try:
-        if kind == "gemm":
+        if kind.endswith("gemm"):  # gemm, qgemm
             a, b = args[0], args[1]
             k, n = (b.shape[1], b.shape[0]) if attrs.get("trans_b", 0) else (b.shape[0], b.shape[1])
             return a.numel() // max(1, int(a.shape[-1])), int(n), int(k)

@@ -1,6 +1,7 @@
 """Math helpers generated kernels call as ``tm.<name>(x)``: libdevice on a GPU, portable code elsewhere.
 
-Triton's core language has exp/log/sqrt/erf but no tanh, log1p, expm1 or pow. On CUDA the libdevice
+Triton's core language has exp/log/sqrt/erf but no tanh, log1p, expm1, pow or rint (round half
+to even, what quantization asks); ``e4m3`` readies a value for the cast to FP8 E4M3. On CUDA the libdevice
 versions are the accurate, fast choice. Triton's interpreter (TRITON_INTERPRET=1, how tests run
 on a machine without a GPU) cannot call libdevice, so there the same names are small @triton.jit
 functions built from exp/log with the classic cancellation-free tricks, accurate to a few ulp in
@@ -56,8 +57,32 @@ def _pow(a, b):
     return tl.where(b == 0.0, 1.0, r)
 
 
+@triton.jit
+def _rint(x):
+    # round half to even by the float trick: adding 1.5 * 2**23 leaves no fraction bits (|x| < 2**22)
+    big = 12582912.0
+    return (x + big) - big
+
+
+@triton.jit
+def _e4m3(x):
+    # x rounded (half to even) onto the E4M3 grid, in fp32 (|x| <= 448): the interpreter's fp8 cast
+    # loses the carry into the exponent (1.97 -> 1.0), so the rounding is done here and the cast is exact
+    a = tl.abs(x)
+    e = tl.maximum(tl.floor(tl.log2(tl.where(a > 0.0, a, 1.0))), -6.0)  # -6: the subnormals' exponent
+    ulp = tl.exp2(e - 3.0)  # 3 mantissa bits
+    r = _rint(a / ulp) * ulp
+    return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def _e4m3_hw(x):
+    return x  # the hardware conversion rounds half to even itself
+
+
 if INTERPRET:
     tanh, log1p, expm1, pow = _tanh, _log1p, _expm1, _pow  # noqa: A001
+    rint, e4m3 = _rint, _e4m3
 else:
     # Wrappers, not aliases: Triton swaps the generic libdevice module for the backend's (CUDA/HIP) only
     # where a kernel's globals hold it directly, not behind another module's attribute.
@@ -78,3 +103,9 @@ else:
     @triton.jit
     def pow(a, b):  # noqa: A001
         return libdevice.pow(a, b)
+
+    @triton.jit
+    def rint(x):
+        return libdevice.rint(x)
+
+    e4m3 = _e4m3_hw

@@ -546,6 +546,10 @@ def launch_of(tactic_name: str, args: list, attrs: dict) -> Optional[Launch]:
     if spec is None:
         return None
     kind, cfg = spec
+    if kind in ("qgemm", "qconv"):  # the INT8/FP8 templates (quantized.py)
+        from .quantized import launch_of as quantized_launch_of
+
+        return quantized_launch_of(tactic_name, args, attrs)
     clean = {k: v for k, v in attrs.items() if not k.startswith("_")}
     planned = (gemm_launch if kind == "gemm" else conv_launch)(*args[:4], config=cfg, **clean)
     return None if planned is None else planned[1]
