@@ -50,6 +50,15 @@ def _same_const(a: Optional[Value], b: Optional[Value]) -> bool:
                                                                                         cb.reshape(-1))
 
 
+def _zero_point(zp: Optional[Value]) -> Optional[Value]:
+    """A zero point the anchor needs: an int8 constant zero is none at all (the kernels then skip the
+    correction); uint8's zero point stays (it sets the range, 0..255), as does any computed one."""
+    c = _const(zp)
+    if zp is not None and zp.dtype == DType.INT8 and c is not None and not np.any(c):
+        return None
+    return zp
+
+
 def _float_code(v: Value) -> int:
     return DTYPE_TO_ONNX[v.dtype] if v.dtype is not None and v.dtype.is_float else DTYPE_TO_ONNX[DType.FLOAT32]
 
@@ -73,8 +82,8 @@ def activation_of(ed: Editor, dq: Value) -> "tuple[Value, Value, Optional[Value]
         if (zp is None) != (qzp is None) or (zp is not None and not _same_const(zp, qzp)):
             return None
         x = qn.inputs[0]
-        if zp is None and q.dtype != DType.FLOAT8E4M3:  # the type alone gives the range
-            zp = ed.const(np.zeros((), dtype=np.uint8 if q.dtype == DType.UINT8 else np.int8), "zero_point")
+        if zp is None and q.dtype == DType.UINT8:  # the type alone gives the range
+            zp = ed.const(np.zeros((), dtype=np.uint8), "zero_point")
         smooth = None
         mul = ed.producer(x)
         if mul is not None and mul.op == "Mul" and len(ed.users(x)) == 1:
@@ -83,8 +92,8 @@ def activation_of(ed: Editor, dq: Value) -> "tuple[Value, Value, Optional[Value]
                         and a.shape is not None and a.shape and b.shape[0] == a.shape[-1]):
                     x, smooth = a, b
                     break
-        return x, s, zp, smooth, q.dtype
-    return q, s, zp, None, q.dtype
+        return x, s, _zero_point(zp), smooth, q.dtype
+    return q, s, _zero_point(zp), None, q.dtype
 
 
 def weight_of(ed: Editor, dq: Value, axis: int, rank: int) -> "tuple[Value, Value] | None":
@@ -217,7 +226,7 @@ def _requantize(ed: Editor, m: Match) -> Optional[Value]:
         return None
     if zp is None and out_t == DType.UINT8:
         zp = ed.const(np.zeros((), np.uint8), "zero_point")
-    ins[7], ins[8] = s, zp
+    ins[7], ins[8] = s, _zero_point(zp)
     while ins and ins[-1] is None:
         ins.pop()
     return ed.out(anchor.op, ins, dict(anchor.attrs), name=m["y"].name, like=m["y"])
@@ -303,8 +312,8 @@ def _qlinear_conv(ed: Editor, m: Match) -> Optional[Value]:
         bias = ed.const((_const(b).astype(np.float64) * float(_const(xs).reshape(())) *
                          wq[1].data.astype(np.float64)).astype(np.float32), hint=b.name)
     attrs = {k: v for k, v in node.attrs.items() if k in CONV_ATTRS}
-    return ed.out("ember.QConv", [x, wq[0], xs, wq[1], bias, None, xzp, ys, yzp], attrs, name=m["y"].name,
-                  like=m["y"])
+    return ed.out("ember.QConv", [x, wq[0], xs, wq[1], bias, None, _zero_point(xzp), ys, _zero_point(yzp)], attrs,
+                  name=m["y"].name, like=m["y"])
 
 
 def _qlinear_matmul(ed: Editor, m: Match) -> Optional[Value]:
@@ -313,8 +322,8 @@ def _qlinear_matmul(ed: Editor, m: Match) -> Optional[Value]:
     wq = _centred_weight(ed, b, bs, bzp, 1)
     if wq is None or a.shape is None or len(a.shape) < 2 or not all(_scalar(v) for v in (as_, azp, ys, yzp)):
         return None
-    return ed.out("ember.QGemm", [a, wq[0], as_, wq[1], None, None, azp, ys, yzp], {}, name=m["y"].name,
-                  like=m["y"])
+    return ed.out("ember.QGemm", [a, wq[0], as_, wq[1], None, None, _zero_point(azp), ys, _zero_point(yzp)], {},
+                  name=m["y"].name, like=m["y"])
 
 
 def _centred_weight(ed: Editor, w: Value, s: Value, zp: Optional[Value], axis: int) -> "tuple[Value, Value] | None":
@@ -353,8 +362,9 @@ def _scaled_integer_product(ed: Editor, m: Match) -> Optional[Value]:
     wq = _centred_weight(ed, w, w_scale, wzp, 0 if conv else 1)
     if wq is None or a.dtype not in INT_TYPES:
         return None
-    if azp is None:
-        azp = ed.const(np.zeros((), np.uint8 if a.dtype == DType.UINT8 else np.int8), "zero_point")
+    if azp is None and a.dtype == DType.UINT8:
+        azp = ed.const(np.zeros((), np.uint8), "zero_point")
+    azp = _zero_point(azp)
     if conv:
         attrs = {k: v for k, v in mi.attrs.items() if k in CONV_ATTRS}
         attrs["output_dtype"] = DTYPE_TO_ONNX[DType.FLOAT32]
