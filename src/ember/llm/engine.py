@@ -146,11 +146,13 @@ class LLMEngine:
         self.steps += 1
         inputs = self._inputs(scheduled)
         sampling = [s.request for s in scheduled if s.samples]
-        logits = self.runner.run(inputs)
+        rows = [SampleRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampling]
+        self.runner.prepare(inputs)
+        with self.runner.launching():
+            logits = self.runner.run(inputs)
+            sampled = self.sampler(logits, rows)
         for s in scheduled:
             self.scheduler.computed(s)
-        rows = [SampleRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampling]
-        sampled = self.sampler(logits, rows)
         now = time.monotonic()
         outputs = []
         for i, req in enumerate(sampling):
@@ -247,7 +249,8 @@ class LLMEngine:
         req = Request(ids, SamplingParams(max_tokens=1))
         req.block_ids = self.blocks.allocate(blocks_needed(len(ids)))
         try:
-            logits = self.runner.run(self._inputs([Scheduled(req, len(ids))]))
+            with self.runner.launching():
+                logits = self.runner.run(self._inputs([Scheduled(req, len(ids))]))
         finally:
             self.blocks.release(req.block_ids)
         return logits[0].cpu()

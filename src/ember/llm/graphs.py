@@ -10,9 +10,9 @@ cache. The attention kernels take the number of context splits from ``context_bo
 max_model_len), so one graph serves every context length. Steps that prefill run eagerly: their
 shapes vary every step and their kernels are long enough that launch time does not matter.
 
-All graphs of the engine share one memory pool and are captured on the engine's thread, with the
-capture error mode set to thread-local, after one eager run of the same step has compiled every Triton
-kernel. ``DecodeGraphs.emulate`` runs the same logic on the CPU for tests: "capture" runs the step once
+All graphs of the engine share one memory pool and are captured with the capture error mode set to
+thread-local, under the run path's launch lock held for writing (runtime/graphs.py: no other thread
+launches meanwhile), after one eager run of the same step has compiled every Triton kernel. ``DecodeGraphs.emulate`` runs the same logic on the CPU for tests: "capture" runs the step once
 and keeps its output, "replay" runs it again on the same buffers and writes into that same output, as a
 graph's kernels write to fixed addresses.
 """
@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..runtime.buckets import bucket_size
+from ..runtime.graphs import LAUNCH
 from .attention import StepInputs
 from .kv_cache import BLOCK_SIZE, KVCache
 from .model import Transformer
@@ -97,24 +98,28 @@ class DecodeGraphs:
                           query_starts=self.query_starts[:b + 1], logit_rows=self.logit_rows[:b], q_lens=[1] * b,
                           seq_lens_host=[1] * b, context_bound=self.context_bound)
 
-    def _graph(self, b: int) -> Any:
-        g = self.graphs.get(b)
-        if g is None:
-            step = self._inputs(b)
+    def ensure(self, n: int) -> None:
+        """The graph of the bucket of ``n`` rows, captured now if missing: under the run path's launch lock
+        for writing (no other thread launches while it records), outside any launch of this thread."""
+        b = bucket_size(n)
+        if b in self.graphs:
+            return
+        step = self._inputs(b)
 
-            def fn() -> torch.Tensor:
-                return self.model(step, self.kv)
+        def fn() -> torch.Tensor:
+            return self.model(step, self.kv)
 
-            g = self.graphs[b] = _CudaGraph(fn, self.pool, self.stream) if self.cuda else _EmulatedGraph(fn)
-        return g
+        with LAUNCH.writing(), torch.inference_mode():
+            # the warm-up run and the capture see padding only: the buffers may still hold the rows of an
+            # earlier step, whose blocks may belong to another sequence by now
+            self._pad(0)
+            self.graphs[b] = _CudaGraph(fn, self.pool, self.stream) if self.cuda else _EmulatedGraph(fn)
 
     def capture_all(self) -> float:
         """Capture every bucket now (largest first, so the smaller ones reuse its memory); returns seconds."""
         t0 = time.perf_counter()
-        self._pad(0)
-        with torch.inference_mode():
-            for b in reversed(self.sizes):
-                self._graph(b)
+        for b in reversed(self.sizes):
+            self.ensure(b)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         took = time.perf_counter() - t0
@@ -140,7 +145,7 @@ class DecodeGraphs:
         self.block_tables[:n, : step.block_tables.shape[1]].copy_(step.block_tables, non_blocking=nb)
         self.seq_lens[:n].copy_(step.seq_lens, non_blocking=nb)
         self._pad(n)
-        g = self._graph(b)
+        g = self.graphs[b]  # ensure()d before the step's launches began
         g.replay()
         self.replays += 1
         return g.output[:n]
