@@ -295,3 +295,39 @@ def test_check_scopes_names_a_constant_no_scope_holds():
         check_scopes(g)
     g.initializers["lost"] = lost
     check_scopes(g)
+
+
+def test_fp16_keeps_bodies_fp32_when_they_read_converted_outer_values(tmp_path):
+    """A Loop body reads an outer value that fp16 conversion made float16; the body (typed for fp32,
+    its weights fp32) reads it through a cast back (chars2vec's LSTM-in-a-Loop failed on the H200:
+    float16 x float32 in the body's MatMul)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    import ember
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    body = h.make_graph(
+        [h.make_node("MatMul", ["r", "w"], ["rw"]), h.make_node("Add", ["c_in", "rw"], ["c_out"]),
+         h.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
+                 h.make_tensor_value_info("c_in", T.FLOAT, [2, 4])],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("c_out", T.FLOAT, [2, 4])],
+        [h.make_tensor("w", T.FLOAT, [3, 4], w.ravel())])
+    nodes = [h.make_node("Relu", ["x"], ["r"]),
+             h.make_node("Loop", ["m", "t", "c0"], ["c"], body=body)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 3]),
+                                  h.make_tensor_value_info("c0", T.FLOAT, [2, 4])],
+                     [h.make_tensor_value_info("c", T.FLOAT, [2, 4])],
+                     [h.make_tensor("m", T.INT64, [], [3]), h.make_tensor("t", T.BOOL, [], [True])])
+    path = str(tmp_path / "loop.onnx")
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
+    feeds = {"x": rng.standard_normal((2, 3)).astype(np.float32), "c0": rng.standard_normal((2, 4)).astype(np.float32)}
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    eng = ember.build(path, device="cpu", precision="fp16", fidelity_budget="off")
+    got = eng.run(feeds)["c"]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2

@@ -81,13 +81,25 @@ class _Conversion:
         self.casts[key] = c
         return c
 
+    def _fp32_captures(self, ed: Editor, node: Node) -> bool:
+        """Outer values a body of ``node`` reads by name that this conversion made low precision are
+        read through a cast back to fp32 (a body's ops were typed for the fp32 graph). Returns
+        whether any was."""
+        rebound = False
+        for body in node.subgraphs():
+            for v in body.captured_values():
+                if _is_float(v) and v.dtype == self.low:
+                    _rebind(body, v, self.cast(ed, v, DType.FLOAT32))
+                    rebound = True
+        return rebound
+
     def convert(self, ed: Editor, m: Match) -> Optional[Value]:
         node = m["y"].producer
         nested = any(node.subgraphs())
         low_pos = low_positions(node) if not nested and node.name not in self.keep else None
         float_in = [i for i, v in enumerate(node.inputs) if _is_float(v)]
         inputs = list(node.inputs)
-        low_out = False
+        low_out = rebound = False
         if low_pos is None:  # an fp32 node: low-precision inputs come back to fp32
             for i in float_in:
                 if inputs[i].dtype == self.low:
@@ -95,6 +107,8 @@ class _Conversion:
             if float_in:
                 reason, detail = self.keep.get(node.name) or (("control flow", "") if nested else ("op", ""))
                 self.kept.append(KeptLayer(node.name, node.op, reason, detail))
+            if nested:  # bodies stay fp32: outer values they read that became low come back to fp32 too
+                rebound = self._fp32_captures(ed, node)
         else:
             for i in float_in:
                 v = inputs[i]
@@ -104,7 +118,7 @@ class _Conversion:
                     inputs[i] = self.cast(ed, v, want)
             low_out = any(inputs[i].dtype == self.low for i in float_in)
         retype = low_out and any(o.dtype == DType.FLOAT32 for o in node.outputs)
-        if not retype and all(a is b for a, b in zip(inputs, node.inputs)):
+        if not retype and not rebound and all(a is b for a, b in zip(inputs, node.inputs)):
             self.done.add(id(node))
             return None
         outs = [Value(ed.fresh_name(o.name + ".low"), self.low if retype and o.dtype == DType.FLOAT32 else o.dtype,
@@ -123,6 +137,15 @@ class _Conversion:
             if not ed.is_output(o):
                 o.name, old.name = old.name, ed.fresh_name(old.name + ".old")
         return outs[0]
+
+
+def _rebind(body: Graph, old: Value, new: Value) -> None:
+    """Every read of ``old`` in ``body`` and its nested bodies becomes a read of ``new``."""
+    for n in body.nodes:
+        n.inputs = [new if v is old else v for v in n.inputs]
+        for sg in n.subgraphs():
+            _rebind(sg, old, new)
+    body.outputs = [new if v is old else v for v in body.outputs]
 
 
 def convert_precision(graph: Graph, low: DType, keep: "dict[str, tuple[str, str]] | None" = None) -> list[KeptLayer]:
