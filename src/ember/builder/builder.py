@@ -59,7 +59,8 @@ class BuilderConfig:
     calib_samples: Optional[int] = 512  # at most this many samples (None: all)
     calib_cache: Optional[str] = None  # a readable text file of the ranges, reused while the graph is the same
     calib_options: CalibrationOptions = field(default_factory=CalibrationOptions)
-    smooth_alpha: "float | str | None" = None  # SmoothQuant's alpha for the GEMMs' activations (None: off)
+    # SmoothQuant for the GEMMs' activations: "auto" (alpha 0.8), a number (that alpha), or None
+    smooth_alpha: "float | str | None" = "auto"
     # the relative L2 distance from fp32 the quantized engine may have on held-out data ("1%"); the
     # most sensitive layers stay in floating point until it holds. None: quantize every layer
     accuracy_budget: "float | str | None" = None
@@ -219,8 +220,12 @@ def _quantize(graph: Graph, config: BuilderConfig, device: torch.device) -> "tup
 
     alpha = config.smooth_alpha
     if isinstance(alpha, str):
-        alpha = None if alpha.strip().lower() in ("none", "off", "") else float(alpha)
-    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        text = alpha.strip().lower()
+        try:
+            alpha = None if text in ("none", "off", "") else "auto" if text == "auto" else float(text)
+        except ValueError:
+            raise EmberError(f"SmoothQuant alpha {config.smooth_alpha!r} is not a number, 'auto' or 'none'") from None
+    if alpha is not None and alpha != "auto" and not 0.0 <= alpha <= 1.0:
         raise EmberError(f"SmoothQuant alpha {alpha} must be between 0 and 1 (0.5 balances activation and weight "
                          "ranges)")
     q = build_quantized(graph, config.quantize, device, config.calibration, method=config.calib_method,

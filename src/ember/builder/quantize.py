@@ -107,7 +107,7 @@ def _split(batches: list[dict[str, np.ndarray]], fraction: float, batch_size: in
 
 def build_quantized(graph32: Graph, qtype: str, device: torch.device, source: Any, *, method: Optional[str],
                     samples: Optional[int], cache_path: Optional[str], options: CalibrationOptions,
-                    smooth_alpha: Optional[float], budget: Optional[float],
+                    smooth_alpha: "float | str | None", budget: Optional[float],
                     progress: Optional[Callable[[str], None]] = None) -> QuantizedBuild:
     """Calibrate ``graph32`` (optimized, fp32) on ``source`` and quantize its layers to ``qtype``."""
     if qtype not in QTYPES:

@@ -50,9 +50,9 @@ def quant_options(fn: Any) -> Any:
                      "folder."),
         click.option("--seq-len", type=click.IntRange(1), default=128, show_default=True,
                      help="Text calibration data: tokens per sentence (padded or cut)."),
-        click.option("--smooth-alpha", default="none", show_default=True, metavar="A|none",
-                     help="SmoothQuant for the GEMMs' activations: migrate range to the weights with alpha A "
-                     "(0.5 balances them)."),
+        click.option("--smooth-alpha", default="auto", show_default=True, metavar="A|auto|none",
+                     help="SmoothQuant for the GEMMs' activations: migrate their outlier channels into the weights "
+                     "with alpha A (auto: 0.8; none: off)."),
         click.option("--accuracy-budget", default=None, metavar="X%",
                      help="Keep the layers most sensitive to quantization in floating point until the outputs are "
                      "within X (relative L2 from fp32) on held-out data."),

@@ -30,10 +30,14 @@ log = logging.getLogger(__name__)
 FORMAT = "ember-calibration 1"
 
 
+def _alpha(a: "float | str | None") -> str:
+    return "none" if a is None else a if isinstance(a, str) else repr(float(a))
+
+
 def save(cal: Calibration, path: "str | os.PathLike") -> None:
     lines = ["# ember calibration cache (one line per quantized tensor: its name and the range it clips at)",
              f"format {FORMAT}", f"graph {cal.graph}", f"type {cal.qtype}", f"method {cal.method}",
-             f"samples {cal.samples}", f"smooth_alpha {'none' if cal.smooth_alpha is None else repr(cal.smooth_alpha)}"]
+             f"samples {cal.samples}", f"smooth_alpha {_alpha(cal.smooth_alpha)}"]
     lines += [f"amax {json.dumps(k)} {v!r}" for k, v in sorted(cal.amax.items())]
     lines += [f"smooth {json.dumps(k)} " + ",".join(repr(float(x)) for x in s) for k, s in sorted(cal.smooth.items())]
     p = Path(path)
@@ -44,7 +48,7 @@ def save(cal: Calibration, path: "str | os.PathLike") -> None:
 
 
 def load(path: "str | os.PathLike", graph: str, qtype: str, method: str,
-         smooth_alpha: Optional[float]) -> Optional[Calibration]:
+         smooth_alpha: "float | str | None") -> Optional[Calibration]:
     """The cached calibration if the file exists and was made for this graph, type, method and
     smoothing; None (with a log line saying why) when it must be redone."""
     p = Path(path)
@@ -71,7 +75,7 @@ def load(path: "str | os.PathLike", graph: str, qtype: str, method: str,
         raise CalibrationError(f"calibration cache '{p}' line {no} is malformed ({e}); delete the file to "
                                "calibrate again") from None
     want = {"format": FORMAT, "graph": graph, "type": qtype, "method": method,
-            "smooth_alpha": "none" if smooth_alpha is None else repr(smooth_alpha)}
+            "smooth_alpha": _alpha(smooth_alpha)}
     stale = [k for k, v in want.items() if header.get(k) != v]
     if stale:
         log.info("calibration cache %s is stale (%s differ); calibrating again", p, ", ".join(stale))
