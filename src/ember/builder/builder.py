@@ -55,7 +55,7 @@ class BuilderConfig:
     # INT8/FP8 (builder/quantize.py): "int8" or "fp8"; the float layers follow ``precision``
     quantize: Optional[str] = None
     calibration: Any = None  # the data: a path (folder of .npz/.npy or images, one .npz, a .txt) or an iterable
-    calib_method: Optional[str] = None  # entropy | minmax | percentile | mse (default: entropy; fp8: minmax)
+    calib_method: Optional[str] = None  # entropy | minmax | percentile | mse (default: mse; fp8: minmax)
     calib_samples: Optional[int] = 512  # at most this many samples (None: all)
     calib_cache: Optional[str] = None  # a readable text file of the ranges, reused while the graph is the same
     calib_options: CalibrationOptions = field(default_factory=CalibrationOptions)

@@ -36,8 +36,8 @@ def quant_options(fn: Any) -> Any:
         click.option("--calib", "calibration", metavar="DATA", help="Calibration data: a folder of .npz/.npy files "
                      "(keys: input names) or images, one .npz, or a .txt of sentences (with --tokenizer)."),
         click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile", "mse"]), default=None,
-                     help="Activation ranges: KL entropy over 2048-bin histograms (int8 default), max (fp8 default), "
-                     "99.99th percentile, or least squared error."),
+                     help="Activation ranges: least squared error over 2048-bin histograms (int8 default), KL "
+                     "entropy, 99.99th percentile, or max (fp8 default)."),
         click.option("--calib-samples", type=click.IntRange(1), default=512, show_default=True,
                      help="Calibrate on at most this many samples."),
         click.option("--calib-batch", type=click.IntRange(1), default=8, show_default=True,
