@@ -367,8 +367,12 @@ class _Tuner:
         """Median ms of the reference and of each tactic in ``names`` that matches it; the failed ones."""
         reps = reps or self.reps
         ctx = OpContext(num_outputs=len(node.outputs), node_name=node.name, memo={})
+        t0 = time.perf_counter()
         want = interp_call_reference(node, args, ctx)
-        results = {"reference": _time(lambda: interp_call_reference(node, args, ctx), reps, self.device)}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        first_ms = (time.perf_counter() - t0) * 1e3  # an upper bound of one reference run (with its launches)
+        results: dict[str, float] = {}
         failed: list[str] = []
         for cname in names:
             b = _bound_args(node, cname, self.device, self.interp, args)
@@ -387,6 +391,13 @@ class _Tuner:
                 self.report.failures.append(f"{node.name} ({node.op}): {cname}: {type(e).__name__}: {msg}")
                 failed.append(cname)
                 log.warning("tactic %s failed on node %s: %s", cname, node.name, msg)
+        best = min(results.values(), default=None)
+        if best is not None and first_ms > REFERENCE_SKIP * best:
+            # far slower than a tactic (the exact float64 reference of a quantized layer takes milliseconds):
+            # it cannot win, and timing its repetitions would cost more than the rest of the node
+            results["reference"] = round(first_ms, 5)
+        else:
+            results["reference"] = _time(lambda: interp_call_reference(node, args, ctx), reps, self.device)
         return results, failed
 
 # the reference (the op's torch function: several kernels, halves widened to fp32) must beat the best
@@ -394,6 +405,7 @@ class _Tuner:
 # memory traffic cost more (BERT b1 on the H200: SDPA 16.7 us vs the reference 20.1 us per layer;
 # builds where noise flipped such pairs ran 150 kernels instead of 102)
 REFERENCE_MARGIN = 0.9
+REFERENCE_SKIP = 20.0  # one reference run this many times the best tactic's median: not timed further
 
 
 def pick(results: dict[str, float]) -> str:
