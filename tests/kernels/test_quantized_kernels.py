@@ -208,6 +208,31 @@ def test_choices_register_with_parameters_tolerances_and_cuda_only():
     assert kq.qgemm_applies(node, torch.device("cuda")) and not kq.qgemm_applies(node, torch.device("cpu"))
 
 
+def qdq_groups():
+    """Fusion groups with per-tensor Q/DQ (what a Q/DQ model leaves around pooling and adds)."""
+    from ember.ir.dtypes import DType
+
+    from tests.kernels import test_fused_groups as fg
+
+    f32 = DType.FLOAT32
+    out = []
+    for zp in (np.int8, np.uint8):
+        consts = {"s": np.array(0.05, np.float32), "z": np.array(3, zp)}
+        out.append(fg.build({"x": (f32, (2, 3, 4, 5)), "b": (f32, (3, 1, 1)), **consts},
+                            [("Add", ["x", "b"], {}), ("QuantizeLinear", ["n0", "s", "z"], {}),
+                             ("DequantizeLinear", ["n1", "s", "z"], {}), ("Relu", ["n2"], {})]))
+        out.append(fg.build({"x": (f32, (2, 3, 4, 5)), **consts},
+                            [("Relu", ["x"], {}), ("QuantizeLinear", ["n0", "s", "z"], {})]))
+    return out
+
+
+def test_qdq_fuse_into_pointwise_kernels():
+    from tests.kernels import test_fused_groups as fg
+
+    for g, nodes in qdq_groups():
+        fg.check(g, nodes)  # integer outputs: equal to the reference, element for element
+
+
 @pytest.mark.slow
 def test_quantized_kernels_compile_for_sm90():
     """Triton's real compiler (no GPU: the compile-only driver) catches what the interpreter does not."""
@@ -254,5 +279,13 @@ def _aot_main() -> None:
                 launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.meta)
             except Exception as e:
                 failed.append(f"qconv {variant} {geo[:6]}: {type(e).__name__}: {str(e)[-1500:]}")
+    from ember.kernels.fused_groups import compile_for_target, fuse_group, group_io
+
+    for i, (g, nodes) in enumerate(qdq_groups()):
+        n += 1
+        try:
+            compile_for_target(fuse_group(nodes, *group_io(nodes)), arch=90)
+        except Exception as e:
+            failed.append(f"Q/DQ group {i}: {type(e).__name__}: {str(e)[-1500:]}")
     print("AOT-FAILED" if failed else "AOT-OK", n)
     print("\n".join(failed))

@@ -135,7 +135,48 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Te
     return torch.clamp(qi, lo, hi).to(torch.int64).to(qdtype)
 
 
-@op("QuantizeLinear", kind="pointwise")
+def _scalar_param(node, i: int) -> bool:
+    v = node.inputs[i] if len(node.inputs) > i else None
+    return v is None or (v.shape is not None and all(d == 1 for d in v.shape))
+
+
+def _quantize_lowering(b: Builder, node, args: list) -> Operand:
+    """QuantizeLinear per tensor to int8/uint8 in a fused kernel: saturate(rint(x / scale) + zero_point)."""
+    x, s = args[0], args[1]
+    zp = args[2] if len(args) > 2 else None
+    out = node.outputs[0].dtype
+    if (out not in (DType.INT8, DType.UINT8) or not all(_scalar_param(node, i) for i in (1, 2))
+            or node.attrs.get("precision", 0) or not node.attrs.get("saturate", 1) or node.attrs.get("block_size", 0)
+            or x.kind != "f" or s.kind != "f"):
+        raise Unsupported(f"node '{node.name}' (QuantizeLinear): per-tensor int8/uint8 from floats only")
+    lo, hi = (-128.0, 127.0) if out == DType.INT8 else (0.0, 255.0)
+    q = b.fmt("tm.rint(tl.math.div_rn({0}, {1}))", "f", x, s)
+    if zp is not None:
+        q = b.fmt("({0} + {1})", "f", q, _as_float(b, zp))
+    return b.fmt(f"tl.minimum(tl.maximum({{0}}, {lo}), {hi}).to(tl.int32)", "i", q)
+
+
+def _dequantize_lowering(b: Builder, node, args: list) -> Operand:
+    """DequantizeLinear per tensor from int8/uint8 in a fused kernel: (x - zero_point) * scale."""
+    x, s = args[0], args[1]
+    zp = args[2] if len(args) > 2 else None
+    if (node.inputs[0].dtype not in (DType.INT8, DType.UINT8) or not all(_scalar_param(node, i) for i in (1, 2))
+            or node.attrs.get("block_size", 0) or s.kind != "f"):
+        raise Unsupported(f"node '{node.name}' (DequantizeLinear): per-tensor int8/uint8 only")
+    v = b.fmt("{0}.to(tl.float32)", "f", x)
+    if zp is not None:
+        v = b.fmt("({0} - {1})", "f", v, _as_float(b, zp))
+    return b.fmt("({0} * {1})", "f", v, s)
+
+
+def _as_float(b: Builder, v: Operand) -> Operand:
+    """An operand as fp32: a literal written as a float, a variable converted."""
+    if not v.var:
+        return Operand(repr(float(v.text)), v.level, "f", var=False)
+    return b.fmt("{0}.to(tl.float32)", "f", v)
+
+
+@op("QuantizeLinear", kind="pointwise", triton=_quantize_lowering)
 def quantize_linear(x, y_scale, y_zero_point=None, *, axis: int = 1, block_size: int = 0, output_dtype: int = 0,
                     saturate: int = 1, precision: int = 0):
     qdtype = _quant_dtype(y_zero_point, output_dtype)
@@ -147,7 +188,7 @@ def quantize_linear(x, y_scale, y_zero_point=None, *, axis: int = 1, block_size:
     return quantize(x, scale, zp, qdtype, saturate, prec)
 
 
-@op("DequantizeLinear", kind="pointwise")
+@op("DequantizeLinear", kind="pointwise", triton=_dequantize_lowering)
 def dequantize_linear(x, x_scale, x_zero_point=None, *, axis: int = 1, block_size: int = 0, output_dtype: int = 0):
     """(x - zero_point) * scale, in the scale's dtype unless output_dtype says otherwise."""
     scale = expand_param(x_scale, x, axis, block_size)
