@@ -92,6 +92,8 @@ def test_cli_flags_and_report(digits, tmp_path, capsys):
     assert "add --int8 or --fp8" in capsys.readouterr().err
     assert main(["build", MODEL, "-o", eng, "--device", "cpu", "--int8"]) == 1
     assert "needs calibration data" in capsys.readouterr().err
+    assert main(["build", MODEL, "-o", str(tmp_path / "again.engine"), "--rebuild-from", eng]) == 1
+    assert "is an INT8 engine, whose calibration data it does not hold" in capsys.readouterr().err
 
 
 def outlier_mlp() -> onnx.ModelProto:

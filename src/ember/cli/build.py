@@ -132,6 +132,14 @@ def build_cmd(model: str, output: "str | None", device: str, precision: str, sha
     from ..runtime.signing import load_key
 
     key = load_key(sign_key) if sign_key else None  # a bad key file fails before the build, not after it
+    if rebuild_from and quant.get("quantize") is None:
+        from ..tools.raw_manifest import read_raw_manifest
+
+        recorded = (read_raw_manifest(rebuild_from)[0].get("quantization") or {}).get("type")
+        if recorded:  # the calibration data is not in the engine: say so rather than build a float engine
+            raise EmberError(f"'{rebuild_from}' is an {recorded.upper()} engine, whose calibration data it does "
+                             f"not hold: add --{recorded} --calib DATA (and --calib-cache, if you kept it) to rebuild "
+                             "it")
     quantization = quant_kwargs(quant)  # (a flag without --int8/--fp8 fails before the build)
     t0 = time.perf_counter()
     with BuildProgress(console) as progress, warnings.catch_warnings(record=True) as said:

@@ -14,7 +14,7 @@ ops' exact numerics) runs everywhere else, CPUs included.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
