@@ -175,6 +175,19 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
         shapes += f" (b{m.batch})" if m.batch else ""
         out.append(f"| {m.name} | {m.task} | `{m.package}` | {m.ops} | {shapes} | {m.mb:.2f} | {build} | {match} "
                    f"| {gb} | {gl} | {gms} | {gsp} | {cap} |")
+    fidelity = [(m, doc["models"][m.name]["gpu"]) for m in run
+                if isinstance(doc["models"][m.name].get("gpu"), dict) and "ort" in doc["models"][m.name]["gpu"]]
+    if fidelity:
+        out += ["", "## fp16 fidelity", "",
+                "The fp16 build checks each layer on the tuning inputs and keeps in fp32 those that drift past the "
+                "budget (`--fidelity-budget`, default 1e-2 relative L2 per float output against the fp32 graph); the manifest lists "
+                "them (`fp32_layers`). tf32 engines have no such check.", "",
+                "| model | fp16: layers kept fp32 | fp16 rel L2 vs ORT CPU fp32 | tf32 rel L2 |", "|---|---:|---|---|"]
+        for m, g in fidelity:
+            f16, t32 = g.get("fp16") or {}, g.get("tf32") or {}
+            kept = "err" if "error" in f16 else fmt(f16.get("fp32_layers"))
+            rel16 = "err" if "error" in f16 else fmt(f16.get("rel_l2"), 1)
+            out.append(f"| {m.name} | {kept} | {rel16} | {fmt(t32.get('rel_l2'), 1)} |")
     if refused:
         out += ["", "## Models ember refuses by design", "",
                 "Building them must raise an `EmberError` whose message names what is unsupported.", "",
