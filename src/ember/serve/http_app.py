@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -19,26 +18,29 @@ from ..errors import EmberError
 from .config import message_json
 from .core import InferenceService
 from .errors import BadRequestError, PayloadTooLargeError, ServeError, UnsupportedError
-from .http_codec import HEADER_LENGTH, encode_infer_response, loads_json, parse_infer_request
+from .http_codec import loads_json
+from .http_infer import INFER_PATH, InferEndpoint, decode_body, error_response, infer_route
 from .openai_app import openai_routes
 
 log = logging.getLogger("ember.serve")
 
-OFFLOAD_BYTES = 256 << 10  # parse/encode bodies larger than this on a worker thread
 PUBLIC_PATHS = ("/v2/health/live", "/v2/health/ready")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+_error = error_response
 
 
 class _Guard:
-    """ASGI middleware: bearer-token auth and the request-size limit, before any handler runs."""
+    """ASGI middleware: bearer-token auth, the request-size limit and the limit on requests being
+    handled, before any handler runs. Inference requests then go to their own handler
+    (http_infer.py), everything else to Starlette."""
 
-    def __init__(self, app: Any, service: InferenceService, metrics_public: bool):
+    def __init__(self, app: Any, service: InferenceService, metrics_public: bool,
+                 infer: InferEndpoint | None = None):
         self.app = app
         self.service = service
+        self.infer = infer
         self.limit = service.settings.max_request_size
         self.max_active = service.settings.max_connections
         self.active = 0
@@ -47,15 +49,19 @@ class _Guard:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        authorization = length = None
+        for k, v in scope.get("headers", ()):  # the two this guard reads (ASGI servers give lower-case names)
+            if k == b"authorization":
+                authorization = v.decode("latin-1")
+            elif k == b"content-length":
+                length = v.decode("latin-1")
         if self.service.auth_required and scope["path"] not in self.public:
             try:
-                self.service.check_auth(headers.get("authorization"))
+                self.service.check_auth(authorization)
             except ServeError as e:
                 self.service.count_error("http", e.reason)
                 resp = _error(e.http_status, str(e), {"WWW-Authenticate": 'Bearer realm="ember"'})
                 return await resp(scope, receive, send)
-        length = headers.get("content-length")
         if length is not None and length.isascii() and length.isdigit() and int(length) > self.limit:
             self.service.count_error("http", PayloadTooLargeError.reason)
             resp = _error(413, f"request body of {length} bytes exceeds the limit of {self.limit} bytes "
@@ -80,7 +86,11 @@ class _Guard:
             return await resp(scope, receive, send)
         self.active += 1
         try:
-            await self.app(scope, limited_receive, send)
+            match = infer_route(scope["path"], scope["method"]) if self.infer is not None else None
+            if match is not None:
+                await self.infer(scope, limited_receive, send, match)
+            else:
+                await self.app(scope, limited_receive, send)
         finally:
             self.active -= 1
 
@@ -109,22 +119,7 @@ def _route(service: InferenceService, fn: Handler) -> Handler:
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    body = await request.body()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise UnsupportedError(f"Content-Encoding '{encoding:.30}' is not supported; use gzip, deflate or none")
-    d = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise BadRequestError(f"the {encoding} request body is corrupt: {e}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise PayloadTooLargeError(f"the decompressed request body exceeds the limit of {limit} bytes")
-    if not d.eof:
-        raise BadRequestError(f"the {encoding} request body is truncated")
-    return out
+    return decode_body(await request.body(), request.headers.get("content-encoding", "identity"), limit)
 
 
 async def _json_body(request: Request, limit: int) -> dict:
@@ -140,6 +135,7 @@ async def _json_body(request: Request, limit: int) -> dict:
 def build_http_app(service: InferenceService, metrics_here: bool = True) -> Any:
     """The ASGI app of the HTTP port. `metrics_here`: serve /metrics on it too."""
     limit = service.settings.max_request_size
+    infer = InferEndpoint(service)
 
     def version_of(request: Request) -> str | None:
         return request.path_params.get("version")
@@ -166,27 +162,6 @@ def build_http_app(service: InferenceService, metrics_here: bool = True) -> Any:
 
     async def model_stats(request: Request) -> Response:
         return JSONResponse(service.statistics(request.path_params.get("model"), version_of(request)))
-
-    async def infer(request: Request) -> Response:
-        model, version = request.path_params["model"], version_of(request)
-        try:
-            body = await _body(request, limit)
-            header_length = request.headers.get(HEADER_LENGTH)
-            if len(body) > OFFLOAD_BYTES:
-                req = await asyncio.to_thread(parse_infer_request, body, header_length, model, version)
-            else:
-                req = parse_infer_request(body, header_length, model, version)
-        except ServeError as e:
-            service.count_error("http", e.reason)
-            raise
-        resp = await service.infer(req, "http")
-        default_binary = req.parameters.get("binary_data_output") is True
-        size = sum(o.data.nbytes for o in resp.outputs if o.data.dtype != object)
-        if size > OFFLOAD_BYTES:
-            data, headers, media = await asyncio.to_thread(encode_infer_response, resp, default_binary)
-        else:
-            data, headers, media = encode_infer_response(resp, default_binary)
-        return Response(data, headers=headers, media_type=media)
 
     async def repo_index(request: Request) -> Response:
         doc = await _json_body(request, limit)
@@ -238,7 +213,10 @@ def build_http_app(service: InferenceService, metrics_here: bool = True) -> Any:
             r(base + "/ready", model_ready, ["GET"]),
             r(base + "/config", model_config, ["GET"]),
             r(base + "/stats", model_stats, ["GET"]),
-            r(base + "/infer", infer, ["POST"]),
+            # answered by the guard (http_infer.py); here so that other methods get 405 like any route
+            Route(base + "/infer", lambda scope, receive, send: infer(scope, receive, send,
+                                                                       INFER_PATH.fullmatch(scope["path"])),
+                  methods=["POST"]),
         ]
     for prefix in ("/v2/systemsharedmemory", "/v2/cudasharedmemory", "/v2/trace", "/v2/logging"):
         routes += [r(prefix, unsupported, ["GET", "POST"]), r(prefix + "/{rest:path}", unsupported, ["GET", "POST"])]
@@ -257,7 +235,7 @@ def build_http_app(service: InferenceService, metrics_here: bool = True) -> Any:
 
     app.add_exception_handler(404, not_found)
     app.add_exception_handler(405, not_found)
-    return _Guard(app, service, metrics_public=False)
+    return _Guard(app, service, metrics_public=False, infer=infer)
 
 
 def build_metrics_app(service: InferenceService) -> Any:
