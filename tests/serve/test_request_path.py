@@ -2,7 +2,8 @@
 it): each mechanism is checked for what it must still do, on a real server.
 
 - HTTP inference requests are answered by their own ASGI handler (http_infer.py), not through
-  Starlette's routing, with the same answers, errors and headers."""
+  Starlette's routing, with the same answers, errors and headers; only work that grows with the data
+  in Python (JSON, BYTES) is moved to a thread."""
 from __future__ import annotations
 
 import json
@@ -82,3 +83,27 @@ def test_http_inference_bad_bodies(client):
     assert r.status_code == 200, r.text
     n = int(r.headers["inference-header-content-length"])
     np.testing.assert_allclose(np.frombuffer(r.content[n:], np.float32).reshape(2, 4), x * 2 + 1)
+
+
+def test_only_json_and_bytes_work_goes_to_a_thread():
+    """A thread hop costs the event loop more than parsing a binary request (views of the body), so a
+    300 KB image is parsed on the loop; 300 KB of JSON, or of BYTES elements, is not."""
+    from ember.serve.http_infer import OFFLOAD_BYTES, _encode_work, _parse_work
+    from ember.serve.protocol import InferResponse, OutputTensor
+
+    image = np.zeros((1, 3, 224, 224), np.float16)
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "FP16", "shape": list(image.shape),
+                                   "parameters": {"binary_data_size": image.nbytes}}]}).encode()
+    assert _parse_work(head + image.tobytes(), str(len(head))) < OFFLOAD_BYTES
+    strings = head.replace(b'"FP16"', b'"BYTES"')
+    assert _parse_work(strings + image.tobytes(), str(len(strings))) > OFFLOAD_BYTES
+    as_json = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [80000],
+                                      "data": [0.5] * 80000}]}).encode()
+    assert _parse_work(as_json, None) > OFFLOAD_BYTES
+
+    big = np.zeros((1, 100000), np.float32)
+    resp = InferResponse("m", "1", "", [OutputTensor("y", "FP32", big)])
+    assert _encode_work(resp, default_binary=True) == 0
+    assert _encode_work(resp, default_binary=False) > OFFLOAD_BYTES
+    resp.outputs[0].binary = True
+    assert _encode_work(resp, default_binary=False) == 0

@@ -23,6 +23,7 @@ from ..errors import EmberError
 from .core import InferenceService
 from .errors import BadRequestError, PayloadTooLargeError, ServeError, UnsupportedError
 from .http_codec import HEADER_LENGTH, encode_infer_response, parse_infer_request
+from .protocol import InferResponse
 
 log = logging.getLogger("ember.serve")
 
@@ -112,7 +113,7 @@ class InferEndpoint:
                 header_length = v.decode("latin-1")
         try:
             body = decode_body(await read_body(receive), encoding, self.limit)
-            if len(body) > OFFLOAD_BYTES:
+            if _parse_work(body, header_length) > OFFLOAD_BYTES:
                 req = await asyncio.to_thread(parse_infer_request, body, header_length, model, version)
             else:
                 req = parse_infer_request(body, header_length, model, version)
@@ -121,14 +122,33 @@ class InferEndpoint:
             raise
         resp = await service.infer(req, "http")
         default_binary = req.parameters.get("binary_data_output") is True
-        size = sum(o.data.nbytes for o in resp.outputs if o.data.dtype != object)
-        if size > OFFLOAD_BYTES:
+        if _encode_work(resp, default_binary) > OFFLOAD_BYTES:
             data, extra, media = await asyncio.to_thread(encode_infer_response, resp, default_binary)
         else:
             data, extra, media = encode_infer_response(resp, default_binary)
         headers = [(b"content-type", media.encode("latin-1"))]
         headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
         return 200, data, headers
+
+
+# A thread hop costs the loop more than a small parse, so only work that grows with the data in Python
+# goes to a thread: JSON text and BYTES elements. Binary numeric tensors are views of the body on the
+# way in (parsing reads the JSON header only) and one memcpy on the way out.
+
+def _parse_work(body: bytes, header_length: str | None) -> int:
+    if header_length is None or not header_length.isascii() or not header_length.isdigit():
+        return len(body)  # all JSON (or a bad header the parser reports)
+    n = min(int(header_length), len(body))
+    return len(body) if b'"BYTES"' in body[:n] else n
+
+
+def _encode_work(resp: InferResponse, default_binary: bool) -> int:
+    work = 0
+    for o in resp.outputs:
+        binary = default_binary if o.binary is None else o.binary
+        if o.data.dtype == object or not (binary or o.datatype == "BF16"):
+            work += o.data.nbytes if o.data.dtype != object else 16 * o.data.size
+    return work
 
 
 def infer_route(path: str, method: str) -> Any:
