@@ -25,7 +25,7 @@ from .safe_files import read_regular_file, resolve_inside
 from .stats import ModelStats
 
 if TYPE_CHECKING:
-    from .metrics import ServerMetrics
+    from .metrics import ModelMetrics, ServerMetrics
 
 log = logging.getLogger("ember.serve")
 
@@ -114,6 +114,7 @@ class ServedModel:
         self.version_dir = version_dir
         self.settings = settings
         self.metrics = metrics
+        self._model_metrics: "ModelMetrics | None" = None
         self.state = "LOADING"
         self.reason = ""
         self.stats = ModelStats(self.name, self.version)
@@ -336,7 +337,7 @@ class ServedModel:
         total = time.monotonic_ns() - start
         self.stats.record_success(items, total, t.queue_ns, t.input_ns, t.infer_ns, t.output_ns)
         if self.metrics is not None:
-            self.metrics.observe_request(self.name, self.version, total, t.queue_ns)
+            self._histograms().observe_request(total, t.queue_ns)
         return InferResponse(self.name, self.version, req.id, outputs)
 
     def _requested_outputs(self, req: InferRequest) -> list:
@@ -358,7 +359,14 @@ class ServedModel:
     def _on_batch(self, items: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         self.stats.record_batch(items, input_ns, infer_ns, output_ns)
         if self.metrics is not None:
-            self.metrics.observe_batch(self.name, self.version, items, input_ns + infer_ns + output_ns)
+            self._histograms().observe_batch(items, input_ns + infer_ns + output_ns)
+
+    def _histograms(self) -> "ModelMetrics":
+        """This version's histograms, looked up on first use (a version that never ran has no series)."""
+        if self._model_metrics is None:
+            assert self.metrics is not None
+            self._model_metrics = self.metrics.for_model(self.name, self.version)
+        return self._model_metrics
 
 
 def classify(arr: np.ndarray, k: int, batched: bool) -> np.ndarray:

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import BadRequestError
+
 
 @dataclass
 class RequestedOutput:
@@ -57,8 +59,6 @@ class TensorMeta:
 
 def request_parameter_int(params: dict[str, Any], key: str, where: str) -> int | None:
     """An integer request parameter such as priority or timeout; None when absent."""
-    from .errors import BadRequestError
-
     if key not in params:
         return None
     v = params[key]
