@@ -3,7 +3,9 @@ it): each mechanism is checked for what it must still do, on a real server.
 
 - HTTP inference requests are answered by their own ASGI handler (http_infer.py), not through
   Starlette's routing, with the same answers, errors and headers; only work that grows with the data
-  in Python (JSON, BYTES) is moved to a thread."""
+  in Python (JSON, BYTES) is moved to a thread.
+- gRPC ModelInfer responses are written by grpc_wire: each output is copied once, into the reply.
+- A model version's histograms are looked up once, not per request."""
 from __future__ import annotations
 
 import json
@@ -107,3 +109,73 @@ def test_only_json_and_bytes_work_goes_to_a_thread():
     assert _encode_work(resp, default_binary=False) > OFFLOAD_BYTES
     resp.outputs[0].binary = True
     assert _encode_work(resp, default_binary=False) == 0
+
+
+def test_grpc_responses_copy_each_output_once_and_parse_as_protobuf():
+    """encode_grpc_response keeps views of the outputs; write_infer_response joins them into the reply
+    (the one copy), and the reply is the message protobuf would have made."""
+    from ember.serve import grpc_service_pb2 as pb
+    from ember.serve.grpc_server import encode_grpc_response
+    from ember.serve.grpc_wire import write_infer_response
+    from ember.serve.protocol import InferResponse, OutputTensor
+
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((2, 1000)).astype(np.float16)
+    ids = rng.integers(0, 1 << 40, (2, 3)).astype(np.int64)
+    words = np.array([b"ember", b"", "ünï".encode()], dtype=object)
+    resp = InferResponse("m", "3", "req-9", [OutputTensor("logits", "FP16", logits), OutputTensor("ids", "INT64", ids),
+                                              OutputTensor("words", "BYTES", words)])
+    wire = encode_grpc_response(resp)
+    assert wire.raw[0].obj is logits or np.shares_memory(np.frombuffer(wire.raw[0], np.float16), logits)
+    assert np.shares_memory(np.frombuffer(wire.raw[1], np.int64), ids)
+    data = write_infer_response(wire)
+    got = pb.ModelInferResponse.FromString(data)
+    assert (got.model_name, got.model_version, got.id) == ("m", "3", "req-9")
+    assert [(o.name, o.datatype, list(o.shape)) for o in got.outputs] == [
+        ("logits", "FP16", [2, 1000]), ("ids", "INT64", [2, 3]), ("words", "BYTES", [3])]
+    np.testing.assert_array_equal(np.frombuffer(got.raw_output_contents[0], np.float16).reshape(2, 1000), logits)
+    np.testing.assert_array_equal(np.frombuffer(got.raw_output_contents[1], np.int64).reshape(2, 3), ids)
+    assert got.raw_output_contents[2] == b"\x05\x00\x00\x00ember\x00\x00\x00\x00\x05\x00\x00\x00" + "ünï".encode()
+    assert wire.to_message() == got  # the stream path serializes the same message through protobuf
+
+
+def test_grpc_infer_over_the_wire(server):
+    import grpc
+
+    from ember.serve import grpc_service_pb2 as pb
+    from ember.serve import grpc_service_pb2_grpc as pb_grpc
+
+    x = np.random.default_rng(6).standard_normal((5, 4)).astype(np.float32)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        req = pb.ModelInferRequest(model_name="affine", id="a1")
+        req.inputs.add(name="x", datatype="FP32", shape=[5, 4])
+        req.raw_input_contents.append(x.tobytes())
+        got = stub.ModelInfer(req, timeout=30)
+        assert got.id == "a1" and got.model_version == "1" and list(got.outputs[0].shape) == [5, 4]
+        np.testing.assert_allclose(np.frombuffer(got.raw_output_contents[0], np.float32).reshape(5, 4), x * 2 + 1)
+        req.model_name = "ghost"
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "ghost" in e.value.details()
+
+
+def test_request_histograms_are_looked_up_once_per_model_version(server, client, monkeypatch):
+    from prometheus_client.metrics import MetricWrapperBase
+
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    assert client.post("/v2/models/affine/infer", json=doc).status_code == 200  # the version's histograms exist
+
+    def count(text: str) -> float:
+        key = 'ember_request_duration_seconds_count{model="affine",version="1"}'
+        return next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(key))
+
+    before = count(client.get("/metrics").text)
+    lookups = []
+    original = MetricWrapperBase.labels
+    monkeypatch.setattr(MetricWrapperBase, "labels", lambda self, *a, **k: lookups.append(a) or original(self, *a, **k))
+    for _ in range(5):
+        assert client.post("/v2/models/affine/infer", json=doc).status_code == 200
+    monkeypatch.undo()
+    assert count(client.get("/metrics").text) == before + 5
+    assert [a for a in lookups if a[:1] == ("affine",)] == []

@@ -13,9 +13,9 @@ from ..errors import EmberError
 from . import grpc_service_pb2 as pb
 from . import grpc_service_pb2_grpc as pb_grpc
 from .core import InferenceService
-from .datatypes import KSERVE_TO_NUMPY, element_count, tensor_from_raw, tensor_to_raw
+from .datatypes import KSERVE_TO_NUMPY, element_count, tensor_from_raw, tensor_raw_view
 from .errors import BadRequestError, ServeError, UnsupportedError
-from .grpc_wire import WireInferRequest, read_infer_request
+from .grpc_wire import WireInferRequest, WireInferResponse, read_infer_request, write_infer_response
 from .http_codec import MAX_RANK
 from .protocol import InferRequest, InferResponse, RequestedOutput, request_parameter_int
 
@@ -44,9 +44,9 @@ def parse_grpc_request(req: pb.ModelInferRequest | WireInferRequest) -> InferReq
             raw = req.raw_input_contents
     else:
         raw = req.raw_input_contents
-    params = {k: _param(v) for k, v in req.parameters.items()}
-    priority = request_parameter_int(params, "priority", "request") or 0
-    timeout = request_parameter_int(params, "timeout", "request")
+    params = {k: _param(v) for k, v in req.parameters.items()} if req.parameters else {}
+    priority = request_parameter_int(params, "priority", "request") or 0 if params else 0
+    timeout = request_parameter_int(params, "timeout", "request") if params else None
     if raw and len(raw) != len(req.inputs):
         raise BadRequestError(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs; send one "
                               "per input, in the order of 'inputs'")
@@ -106,12 +106,14 @@ def _from_contents(contents: Any, dt: str, shape: tuple[int, ...], name: str) ->
     return wide.astype(target).reshape(shape)
 
 
-def encode_grpc_response(resp: InferResponse) -> pb.ModelInferResponse:
+def encode_grpc_response(resp: InferResponse) -> WireInferResponse:
+    """The response with each output as a view of its array: write_infer_response copies it once."""
     out = pb.ModelInferResponse(model_name=resp.model, model_version=resp.version, id=resp.id)
+    raw = []
     for o in resp.outputs:
         out.outputs.add(name=o.name, datatype=o.datatype, shape=list(o.data.shape))
-        out.raw_output_contents.append(tensor_to_raw(o.data, o.datatype))
-    return out
+        raw.append(tensor_raw_view(o.data, o.datatype))
+    return WireInferResponse(out, raw)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -124,16 +126,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if asyncio.iscoroutine(result):
                 result = await result
             return result
-        except ServeError as e:
+        except Exception as e:
+            await self._abort(context, e, fn)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, e: Exception, fn: Any) -> None:
+        """End the call with the status of ``e`` (raised by ``fn``)."""
+        if isinstance(e, ServeError):
             await context.abort(getattr(grpc.StatusCode, e.grpc_code), str(e))
-        except EmberError as e:
+        if isinstance(e, EmberError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as e:  # a bug of ours: log it, answer INTERNAL, keep serving
-            log.exception("internal error in gRPC %s", getattr(fn, "__name__", fn))
-            self.service.count_error("grpc", "INTERNAL")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(e).__name__}: {e}")
+        if isinstance(e, grpc.aio.AbortError):
+            raise e
+        # a bug of ours: log it, answer INTERNAL, keep serving
+        log.error("internal error in gRPC %s", getattr(fn, "__name__", fn), exc_info=e)
+        self.service.count_error("grpc", "INTERNAL")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(e).__name__}: {e}")
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=self.service.live())
@@ -175,7 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._call(context, self.service.unload_model, request.model_name, params)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request: pb.ModelInferRequest | WireInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest | WireInferRequest) -> WireInferResponse:
         try:
             req = parse_grpc_request(request)
         except ServeError as e:
@@ -185,7 +192,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return encode_grpc_response(resp)
 
     async def ModelInfer(self, request, context):
-        return await self._call(context, self._infer, request)
+        try:  # not through _call: this one runs thousands of times a second
+            return await self._infer(request)
+        except Exception as e:
+            await self._abort(context, e, self._infer)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator, context) -> AsyncIterator:
         """Requests of one stream run concurrently (so they can share batches); responses come back
@@ -196,7 +206,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def one(req: pb.ModelInferRequest | WireInferRequest) -> None:
             try:
                 resp = await self._infer(req)
-                await results.put(pb.ModelStreamInferResponse(infer_response=resp))
+                await results.put(pb.ModelStreamInferResponse(infer_response=resp.to_message()))
             except ServeError as e:
                 await results.put(_stream_error(req, str(e)))
             except EmberError as e:
@@ -304,7 +314,7 @@ def build_grpc_server(service: InferenceService) -> grpc.aio.Server:
     zero_copy = {
         "ModelInfer": grpc.unary_unary_rpc_method_handler(
             servicer.ModelInfer, request_deserializer=read_infer_request,
-            response_serializer=pb.ModelInferResponse.SerializeToString),
+            response_serializer=write_infer_response),
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
             servicer.ModelStreamInfer, request_deserializer=read_infer_request,
             response_serializer=pb.ModelStreamInferResponse.SerializeToString),

@@ -1,4 +1,5 @@
-"""ModelInferRequest off the wire without copying its tensors.
+"""ModelInferRequest off the wire without copying its tensors, and ModelInferResponse onto it with
+one copy of each.
 
 protobuf copies every `bytes` field twice on the way to numpy: into the parsed message, then into a
 Python `bytes` object when the field is read. A ResNet-50 request carries 300 KB in
@@ -7,6 +8,11 @@ therefore deserializes ModelInfer and ModelStreamInfer requests here: one pass o
 top-level fields finds each `raw_input_contents` entry (field 7) and keeps it as a memoryview of the
 received bytes; the other fields, which are small, are parsed by protobuf as usual. Anything this
 scan does not expect is handed whole to protobuf, which parses it or raises its usual error.
+
+On the way out it is the same in reverse: appending a tensor to `raw_output_contents` copies it into
+the message and serializing copies it again, so ModelInfer responses are written here: protobuf
+serializes the small fields, and each output's bytes follow as a `raw_output_contents` entry (field
+6; protobuf readers accept a message's fields in any order), joined into the reply in one copy.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 from . import grpc_service_pb2 as pb
 
 RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents (grpc_service.proto)
+RAW_OUTPUT_CONTENTS = 6  # ModelInferResponse.raw_output_contents
 MAX_FIELDS = 4096  # a scan in Python stops here (a flood of tiny fields): protobuf's C parser takes over
 
 
@@ -29,6 +36,42 @@ class WireInferRequest:
 
     message: pb.ModelInferRequest
     raw: list[memoryview] | None = None
+
+
+@dataclass
+class WireInferResponse:
+    """A ModelInferResponse without its raw_output_contents, and those contents (views of the
+    outputs, written after the message by ``write_infer_response``)."""
+
+    message: pb.ModelInferResponse
+    raw: list[bytes | memoryview]
+
+    def to_message(self) -> pb.ModelInferResponse:
+        """The whole message (for ModelStreamInfer, whose responses protobuf serializes)."""
+        out = pb.ModelInferResponse()
+        out.CopyFrom(self.message)
+        out.raw_output_contents.extend(bytes(r) for r in self.raw)
+        return out
+
+
+_RAW_OUTPUT_TAG = bytes([RAW_OUTPUT_CONTENTS << 3 | 2])
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def write_infer_response(resp: WireInferResponse) -> bytes:
+    """The gRPC response serializer of ModelInfer."""
+    parts: list[bytes | memoryview] = [resp.message.SerializeToString()]
+    for r in resp.raw:
+        parts += (_RAW_OUTPUT_TAG, _varint_bytes(len(r)), r)
+    return b"".join(parts)
 
 
 def _varint(view: memoryview, pos: int) -> tuple[int, int]:
