@@ -27,6 +27,7 @@ from .mixed_precision import build_low_precision
 from .precision import KeptLayer
 from .profiles import bind_static_shapes, check_profiles, opt_feeds, profile_feeds, tuning_profiles
 from .quantize import CalibrationOptions
+from .bucket_tuning import profile_at, tune_buckets
 from .tuner import TimingCache, default_cache_path, select_tactics
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -45,6 +46,9 @@ class BuilderConfig:
     # dynamic-shape profiles: [{"x": (min, opt, max)}, ...]; tactics are tuned at opt
     profiles: list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]] = field(default_factory=list)
     builder_level: int = 2  # 0: no timing ... 5: most repetitions
+    # also time anchor ops at smaller sizes of the profile's dynamic batch (min, a middle bucket) and
+    # record per node the winner of each bucket where they differ (bucket_tuning.py); False: opt only
+    bucket_tactics: bool = True
     workspace: Optional[float] = None  # MiB of activation memory the engine may plan for (None: no limit)
     timing_cache: Optional[str] = "default"  # path, "default" (~/.cache/ember), or None
     # called with builder.progress.Progress values (strings that also carry stage, done and total)
@@ -73,6 +77,11 @@ class BuildReport:
     nodes_out: int
     seconds: float
     passes: list[str] = field(default_factory=list)
+
+
+def tunes_on(device: torch.device) -> bool:
+    """Whether builds on ``device`` time tactics (CPU builds run the reference and vendor defaults)."""
+    return device.type == "cuda"
 
 
 def count_kernels(graph: Graph) -> int:
@@ -139,7 +148,7 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     if config.quantize is not None:
         graph, quantization = _quantize(graph, config, device)
     cache = None
-    if device.type == "cuda":
+    if tunes_on(device):
         cache = TimingCache.open(default_cache_path() if config.timing_cache == "default" else config.timing_cache)
     tune = None
     kept_fp32: list[KeptLayer] = []
@@ -152,10 +161,15 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         verify(graph, known_ops())
     elif config.debug:
         verify(graph, known_ops())
+    buckets = None
     if cache is not None:
         if low is None:
             tune = select_tactics(graph, device, opt_feeds(graph, tuning, device), config.builder_level, cache,
                                   config.progress, allow_tf32=config.precision == "tf32")
+        # the winners at smaller sizes of a dim the profile varies, where they differ (bucket_tuning.py)
+        if config.bucket_tactics:
+            buckets = tune_buckets(graph, device, tuning, config.builder_level, cache, config.progress,
+                                   allow_tf32=config.precision == "tf32")
         cache.save()
     memory = plan_memory(graph, plan_specialization(graph, opt_feeds(graph, tuning, torch.device("cpu"))))
     check_workspace(memory, config.workspace)
@@ -188,6 +202,8 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
     }
     if config.precision == "tf32":
         manifest["allow_tf32"] = True
+    if buckets is not None:
+        manifest["tactic_buckets"] = buckets.manifest()  # the dim and sizes tactics were also timed at
     if fidelity is not None:
         manifest["fidelity"] = fidelity  # the fp16/bf16 check: budget, output drift before and after
     if quantization is not None:
@@ -206,9 +222,12 @@ def build(model: "str | os.PathLike | bytes | onnx.ModelProto", config: Optional
         with kernel_store.recording() as launched, torch.inference_mode():
             for feeds in profile_feeds(graph, tuning, device):
                 engine._interp.run(feeds)
+            for size in buckets.sizes[1:-1] if buckets else ():  # a middle bucket's choices (min, opt: above)
+                engine._interp.run(opt_feeds(graph, [profile_at(graph, tuning[0], buckets.symbol, size)], device))
         engine.kernel_binaries = kernel_store.members(launched)
     engine.build_report = report  # type: ignore[attr-defined]
     engine.tuning = tune  # type: ignore[attr-defined]  (per-node timings of this build; None off CUDA)
+    engine.bucket_tuning = buckets  # type: ignore[attr-defined]  (tactics per shape bucket; None if not tuned)
     return engine
 
 

@@ -16,6 +16,16 @@ def _shape(v) -> str:
     return f"{v['dtype'] or '?'}{dims}"
 
 
+def _tactic(row) -> str:
+    """The layer's tactic, or its choice per shape bucket: ``batch<=1: a; <=8: b; <=64+: c``."""
+    rec = row.get("tactic_buckets")
+    if not rec:
+        return row["tactic"] or ""
+    last = len(rec["buckets"]) - 1
+    return rec["symbol"] + "; ".join(f"<={b['upto']}{'+' if i == last else ''}: {b['tactic']}"
+                                     for i, b in enumerate(rec["buckets"]))
+
+
 @click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (nodes_in, nodes_out, layers, ...).")
@@ -40,7 +50,7 @@ def inspect_cmd(model: str, as_json: bool, opt_level: int) -> None:
         t.add_column(col)
     for i, r in enumerate(info["layers"]):
         t.add_row(str(i), r["name"], r["op"], ", ".join(_shape(o) for o in r["outputs"]), r["group"] or "",
-                  "+".join(r["epilogue"]), r["tactic"] or "")
+                  "+".join(r["epilogue"]), _tactic(r))
     con.print(t)
     con.print(f"nodes: {info['nodes_in']} in the ONNX graph -> {info['nodes_out']} after optimization "
               f"({info['ir_nodes_out']} IR nodes, {info['fusion_groups']} fusion groups, {info['anchors']} anchors)")

@@ -22,6 +22,7 @@ from .format import EngineArchive, write_engine
 from .interpreter import Interpreter
 from .mathmode import MathMode
 from .signing import KeySource, load_key
+from .tactic_buckets import tactic_names
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,8 @@ class Engine:
                                 "first use", os.fspath(path), kernel_store.store_dir(), e)
         try:
             engine = cls(f.graph, f.manifest, device=dev, weights=f.weights, allow_fallback=allow_fallback)
-        except FallbackError as e:
-            raise FallbackError(f"engine '{os.fspath(path)}': {e}") from None
+        except EngineFileError as e:  # a fallback, or a malformed per-bucket tactic record
+            raise type(e)(f"engine '{os.fspath(path)}': {e}") from None
         engine.kernel_binaries = kernels
         if dev.type == "cuda":
             _init_vendor_libraries(f.graph, dev)  # overlaps the prewarm thread's hashing
@@ -392,7 +393,7 @@ def _init_vendor_libraries(graph: Graph, device: torch.device) -> None:
     """One tiny call into each vendor library the engine's tactics use (cuDNN, cuBLASLt, SDPA), so
     their one-time initialization (handles, lazily loaded kernel modules: about 0.2 s for cuDNN on
     the H200 machine) happens during load, not inside the first inference. Best effort."""
-    used = {str(n.meta.get("tactic", "")) for n in graph.nodes}
+    used = {t for n in graph.nodes for t in tactic_names(n)}
     try:
         with torch.inference_mode():
             if any(t.startswith("cudnn.") for t in used):

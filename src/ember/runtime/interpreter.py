@@ -18,6 +18,7 @@ from ..kernels import BoundTactic, bind_tactic
 from ..ops import OpContext, get
 from ..ops.torch_types import tensor_from_numpy
 from . import mathmode
+from .tactic_buckets import REFERENCE, BucketChoices, symbol_size
 from .specialize import (HOST_LIMIT, Specialization, Step, Tail, assign_frees, fuse_steps, signature_of,
                          specialize, specialize_tail, value_inputs)
 
@@ -58,6 +59,10 @@ class Interpreter:
                 self.bound[n.name] = b
             elif n.meta.get("tactic", "reference") != "reference":
                 self.fallbacks.append(f"{n.name} ({n.op}): tactic {n.meta['tactic']}")
+        # choices per shape bucket (tactic_buckets.py), looked up once per specialization
+        self.bucket_tactics: dict[str, tuple[BucketChoices, list[Any]]] = {}
+        for n in graph.nodes:
+            self._bind_buckets(n)
         # CPU copies of small constants: shape arithmetic reads them on the host
         self.small_consts = {k: (t if t.device.type == "cpu" else t.cpu()) for k, t in self.consts.items()
                              if t.numel() <= HOST_LIMIT}
@@ -74,6 +79,57 @@ class Interpreter:
         self.max_specializations = 64
         self._spec_lock = threading.Lock()
 
+    def _bind_buckets(self, n: Any) -> None:
+        """Bind each bucket's choice of node ``n`` (the one of meta.tactic is bound already)."""
+        rec = BucketChoices.of(n)
+        if rec is None:
+            return
+        bound: list[Any] = []
+        opt = n.meta.get("tactic", "reference")
+        for size, name in zip(rec.sizes, rec.tactics):
+            if name == "reference":
+                bound.append(REFERENCE)
+            elif name == opt:
+                bound.append(self.bound.get(n.name, REFERENCE))
+            else:
+                n.meta["tactic"] = name  # bind_tactic binds meta.tactic
+                try:
+                    b = bind_tactic(n, self.device, self.consts)
+                finally:
+                    n.meta["tactic"] = opt
+                if b is None:
+                    self.fallbacks.append(f"{n.name} ({n.op}): tactic {name} ({rec.symbol} <= {size})")
+                bound.append(REFERENCE if b is None else b)
+        self.bucket_tactics[n.name] = (rec, bound)
+
+    def _choose_bucket_tactics(self, spec: Specialization, size: Optional[int]) -> None:
+        """Give the plan's steps the choice of the bucket holding ``size`` (the bucketed dim's size in
+        the plan's inputs), where their node has choices per bucket; its tail remembers the size."""
+        if size is None:
+            return
+        for step in spec.steps:
+            entry = self.bucket_tactics.get(step.node.name)
+            if entry is not None and step.kernel is None and step.opdef is not None and id(step.node) in self._top:
+                rec, bound = entry
+                step.bound = bound[rec.index_for(size)]
+        if spec.tail is not None:
+            spec.tail.bucket_size = size
+
+    def _bucket_size(self, feeds: dict[str, Any]) -> Optional[int]:
+        if not self.bucket_tactics:
+            return None
+        symbol = next(iter(self.bucket_tactics.values()))[0].symbol
+        return symbol_size(self.graph, feeds, symbol)
+
+    def bound_of(self, step: Any) -> Optional[BoundTactic]:
+        """The choice a step runs: its plan's bucket choice, else the node's bound tactic (None: the reference)."""
+        if step.opdef is None or id(step.node) not in self._top:
+            return None
+        b = getattr(step, "bound", None)
+        if b is None:
+            return self.bound.get(step.node.name)
+        return None if b is REFERENCE else b
+
     def _plan(self, g: Graph) -> list[Step]:
         p = self._plans.get(id(g))
         if p is None:
@@ -85,23 +141,26 @@ class Interpreter:
         """The plan of this input signature: shape arithmetic done once on the host, then cached."""
         sig = signature_of(self.graph, feeds, self.value_inputs)
         return self._cached_plan(self.specializations, self._spec_lock, sig, self.max_specializations,
-                                 lambda: specialize(self.graph, feeds, self.small_consts, self.device, self.value_inputs))
+                                 lambda: specialize(self.graph, feeds, self.small_consts, self.device,
+                                                    self.value_inputs), self._bucket_size(feeds))
 
     def tail_specialization(self, tail: Tail, env: Any) -> Specialization:
         """The plan of a tail for the tensors reaching it in ``env`` (cached per their signature)."""
         return self._cached_plan(tail.plans, tail.lock, tail.signature(env), tail.max_plans,
-                                 lambda: specialize_tail(self.graph, tail, env, self.small_consts, self.device))
+                                 lambda: specialize_tail(self.graph, tail, env, self.small_consts, self.device),
+                                 tail.bucket_size)
 
     def _cached_plan(self, cache: "OrderedDict[tuple, Specialization]", lock: Any, sig: tuple, limit: int,
-                     make: Any) -> Specialization:
+                     make: Any, size: Optional[int] = None) -> Specialization:
         """An LRU of plans shared by the engine's contexts across threads; new plans get the fusion
-        groups' generated kernels."""
+        groups' generated kernels and the choices of the bucket holding ``size``."""
         with lock:
             spec = cache.get(sig)
             if spec is None:
                 spec = cache[sig] = make()
                 if self.group_kernels:
                     fuse_steps(self.graph, spec, self.group_kernels)
+                self._choose_bucket_tactics(spec, size)
                 if len(cache) > limit:
                     cache.popitem(last=False)
             else:
@@ -145,7 +204,7 @@ class Interpreter:
         for i, step in enumerate(steps):
             if at is not None:
                 at[0] = i
-            bound = self.bound.get(step.node.name) if step.opdef is not None and id(step.node) in self._top else None
+            bound = self.bound_of(step)
             keys = step.inputs
             if bound is not None and bound.remap:
                 keys = [bound.remap.get(j, k) for j, k in enumerate(keys)]
@@ -158,8 +217,8 @@ class Interpreter:
             if self.on_step is not None:
                 self.on_step(step, args)
                 if step.opdef is not None and id(step.node) in self._top and \
-                        self.bound.get(step.node.name) is not bound:  # the hook chose a tactic
-                    bound = self.bound.get(step.node.name)
+                        self.bound_of(step) is not bound:  # the hook chose a tactic
+                    bound = self.bound_of(step)
                     keys = step.inputs if bound is None else [bound.remap.get(j, k) for j, k in enumerate(step.inputs)]
                     args = [env[n] if n is not None else None for n in keys]
             result = self.invoke(step, bound, args, run_sub)

@@ -205,6 +205,7 @@ _OPTIONAL: dict[str, Callable[[str, Any], Any]] = {
     "quantization": _obj,  # INT8/FP8: calibration, layers quantized and kept, the accuracy budget (printed)
     "kind": lambda f, v: _str(f, v, 16, re.compile(r"(model|llm)\Z")),  # "llm": an LLM engine (ember.llm)
     "llm": _obj,
+    "tactic_buckets": _obj,  # the dim and sizes tactics were also timed at (per node: graph.json, tactic_buckets.py)
 }
 
 

@@ -133,6 +133,9 @@ def _op_label(step: Any) -> str:
 def _step_tactic(interp: Any, step: Any) -> str:
     if getattr(step, "kernel", None) is not None:
         return "triton.fused_group"
+    b = getattr(step, "bound", None)  # the plan's shape-bucket choice (tactic_buckets.py)
+    if b is not None:
+        return getattr(b, "name", "reference")
     return _tactic(interp, step.node)
 
 

@@ -52,6 +52,9 @@ class Step:
     reason: str = ""  # why it is a host step
     label: str = ""  # what the step is, where it is not ``node.op`` (profiles, reports)
     memo: dict = field(default_factory=dict)  # device tables an op builds once (OpContext.cached)
+    # this plan's choice for the node where it has one per shape bucket (tactic_buckets.py): a
+    # BoundTactic or tactic_buckets.REFERENCE; None: the interpreter's binding of meta.tactic
+    bound: Any = None
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Tail:
     plans: "OrderedDict[tuple, Specialization]" = field(default_factory=OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     max_plans: int = 32
+    bucket_size: Optional[int] = None  # the size of the bucketed dim in the plan it ends (tactic_buckets.py)
 
     def signature(self, env: Any) -> tuple:
         return tuple(_value_sig(k, env[k]) for k in self.reads)

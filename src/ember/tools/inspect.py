@@ -29,6 +29,14 @@ def epilogue_of(n) -> list[str]:
     return parts
 
 
+def _buckets(n) -> "dict[str, Any] | None":
+    """The node's choice per shape bucket ({"symbol", "buckets": [{"upto", "tactic"}]}), if it has one."""
+    from ..runtime.tactic_buckets import BucketChoices
+
+    rec = BucketChoices.of(n)
+    return None if rec is None else rec.to_meta()
+
+
 def layer_rows(g: Graph) -> list[dict[str, Any]]:
     rows = []
     for n in g.nodes:
@@ -41,6 +49,7 @@ def layer_rows(g: Graph) -> list[dict[str, Any]]:
             "group": n.meta.get("group"),
             "epilogue": epilogue_of(n),
             "tactic": n.meta.get("tactic"),
+            "tactic_buckets": _buckets(n),
         })
     return rows
 
