@@ -247,7 +247,8 @@ def start_server(repo: Path, work: Path, args: argparse.Namespace) -> tuple[subp
     logf = open(work / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", "from ember.cli.main import cli; cli()", "serve", str(repo),
                              "--http-port", str(http), "--grpc-port", str(grpc), "--cache-dir", str(work / "cache"),
-                             "--log-level", "info"], stdout=logf, stderr=subprocess.STDOUT, env=env)
+                             "--log-level", "info", "--frontends", str(args.frontends)],
+                            stdout=logf, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -300,8 +301,29 @@ def engine_rate_for(bench: dict[int, dict], hist: dict[int, int]) -> float | Non
     return items / total_s if total_s else None
 
 
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds of the server process (the engine process with --frontends) and of its children."""
+    kids = 0.0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids += _cpu_s(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return _cpu_s(pid), kids
+
+
 def measure_served(model: str, protocol: str, concurrency: int, http: int, grpc: int,
-                   args: argparse.Namespace) -> dict[str, Any]:
+                   args: argparse.Namespace, server_pid: int = 0) -> dict[str, Any]:
     from ember.serve.perf import PerfTarget, measure
 
     port = grpc if protocol == "grpc" else http
@@ -309,10 +331,18 @@ def measure_served(model: str, protocol: str, concurrency: int, http: int, grpc:
     target = PerfTarget(f"127.0.0.1:{port}", model, protocol=protocol, batch_size=1, processes=procs)
     stats_url = f"http://127.0.0.1:{http}/v2/models/{model}/stats"
     before = get_json(stats_url)["model_stats"][0]
+    cpu0, t0 = _server_cpu(server_pid), time.monotonic()
     r = measure(target, concurrency, args.duration, args.warmup)
+    cpu1, t1 = _server_cpu(server_pid), time.monotonic()
     after = get_json(stats_url)["model_stats"][0]
-    return {"model": model, "protocol": protocol, **r.row(), "errors": r.errors,
-            "client_busiest_core": round(r.client_busiest, 3), "formed": batches_formed(before, after)}
+    n = max(1, after["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"])
+    # CPU over the warm-up and the measured level, per request served in it (both from the server's counts)
+    cpu = {"engine_process_cpu_cores": round((cpu1[0] - cpu0[0]) / (t1 - t0), 2),
+           "frontends_cpu_cores": round((cpu1[1] - cpu0[1]) / (t1 - t0), 2),
+           "engine_process_cpu_us_per_request": round((cpu1[0] - cpu0[0]) / n * 1e6, 1),
+           "frontends_cpu_us_per_request": round((cpu1[1] - cpu0[1]) / n * 1e6, 1)}
+    return {"model": model, "protocol": protocol, **r.row(), "errors": r.errors, "frontends": args.frontends,
+            "client_busiest_core": round(r.client_busiest, 3), "formed": batches_formed(before, after), **cpu}
 
 
 # ---- report -----------------------------------------------------------------------------------------------
@@ -401,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bench-s", type=float, default=1.0, help="ember bench seconds per batch size")
     ap.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)))
     ap.add_argument("--start-timeout", type=float, default=300.0)
+    ap.add_argument("--frontends", default="0", help="ember serve --frontends (N or auto; 0: one process)")
     ap.add_argument("--tiny", action="store_true", help="tiny models (a dry run of the script, e.g. on a CPU)")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -442,10 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in models:
             for proto in [p.strip() for p in args.protocols.split(",")]:
                 for c in [int(x) for x in args.concurrency.split(",")]:
-                    row = measure_served(m, proto, c, http, grpc, args)
+                    row = measure_served(m, proto, c, http, grpc, args, proc.pid)
                     result["served"].append(row)
                     log(f"{m} {proto} c={c}: {row['throughput_infer_per_s']:.0f}/s, p50 {row['p50_ms']:.3f} ms, "
-                        f"formed batch {row['formed']['mean']:.1f}, client cpu {row['client_cpu_cores']:.2f}"
+                        f"formed batch {row['formed']['mean']:.1f}, client cpu {row['client_cpu_cores']:.2f}, "
+                        f"server cpu {row['engine_process_cpu_cores']:.2f} + {row['frontends_cpu_cores']:.2f} "
+                        f"(front ends) cores"
                         f"{' (SATURATED)' if row['client_saturated'] else ''}, failures {row['failures']}")
     finally:
         proc.send_signal(signal.SIGTERM)

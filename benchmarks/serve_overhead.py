@@ -107,7 +107,8 @@ def get_json(url: str) -> Any:
         return json.loads(r.read())
 
 
-def start_server(repo: Path, work: Path, staged: bool, prelude: str = "") -> tuple[subprocess.Popen, int, int]:
+def start_server(repo: Path, work: Path, staged: bool, prelude: str = "", frontends: int = 0
+                 ) -> tuple[subprocess.Popen, int, int]:
     http, grpc = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
     boot = (f"{prelude}\n"
@@ -116,7 +117,7 @@ def start_server(repo: Path, work: Path, staged: bool, prelude: str = "") -> tup
             "from ember.cli.main import cli; cli()")
     logf = open(work / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", boot, "serve", str(repo), "--http-port", str(http),
-                             "--grpc-port", str(grpc), "--log-level", "info"],
+                             "--grpc-port", str(grpc), "--log-level", "info", "--frontends", str(frontends)],
                             stdout=logf, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -137,6 +138,29 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of the process (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (the front ends of --frontends)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def children_cpu(pid: int) -> dict[int, float]:
+    out = {}
+    for child in child_pids(pid):
+        try:
+            out[child] = cpu_seconds(child)
+        except OSError:
+            continue
+    return out
 
 
 def thread_cpu(pid: int) -> Counter:
@@ -185,10 +209,11 @@ def measure_level(model: str, protocol: str, concurrency: int, proc: subprocess.
                                 "-o", str(stacks)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
     n0, s0 = served_requests(http, model)
-    c0, t0, w0 = cpu_seconds(proc.pid), thread_cpu(proc.pid), time.monotonic()
+    c0, t0, f0, w0 = cpu_seconds(proc.pid), thread_cpu(proc.pid), children_cpu(proc.pid), time.monotonic()
     r = measure(target, concurrency, args.duration, args.warmup)
-    c1, t1, w1 = cpu_seconds(proc.pid), thread_cpu(proc.pid), time.monotonic()
+    c1, t1, f1, w1 = cpu_seconds(proc.pid), thread_cpu(proc.pid), children_cpu(proc.pid), time.monotonic()
     n1, s1 = served_requests(http, model)
+    fe = sum(v - f0.get(k, 0.0) for k, v in f1.items())  # a front end restarted mid-level counts from 0
     if spy is not None:
         spy.wait(30)
     served = max(n1 - n0, 1)
@@ -196,8 +221,12 @@ def measure_level(model: str, protocol: str, concurrency: int, proc: subprocess.
           for k in ("queue", "compute_input", "compute_infer", "compute_output")}
     runs = s1["execution_count"] - s0["execution_count"]
     row = {"model": model, "protocol": protocol, "concurrency": concurrency, **r.row(), "errors": r.errors,
-           "server_requests": n1 - n0, "server_cpu_s": round(c1 - c0, 3), "server_cpu_cores": (c1 - c0) / (w1 - w0),
-           "server_cpu_us_per_request": (c1 - c0) / served * 1e6,
+           "server_requests": n1 - n0, "frontends": args.frontends,
+           "server_cpu_s": round(c1 - c0 + fe, 3), "server_cpu_cores": (c1 - c0 + fe) / (w1 - w0),
+           "server_cpu_us_per_request": (c1 - c0 + fe) / served * 1e6,
+           # --frontends: the engine process (the one that runs the models) and the front ends, apart
+           "engine_cpu_us_per_request": (c1 - c0) / served * 1e6, "engine_cpu_cores": (c1 - c0) / (w1 - w0),
+           "frontend_cpu_us_per_request": fe / served * 1e6, "frontend_cpu_cores": fe / (w1 - w0),
            "server_thread_cpu_us_per_request": {k: round((t1[k] - t0.get(k, 0.0)) / served * 1e6, 1)
                                                 for k in sorted(t1) if t1[k] - t0.get(k, 0.0) > 0},
            "formed_batch": (n1 - n0) / runs if runs else 0.0,
@@ -258,12 +287,14 @@ def _cpu_model() -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| model | path | protocol | concurrency | served/s | p50 ms | server CPU µs/request | server CPU cores "
-          "| formed batch | client cpu | failures |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | path | protocol | frontends | concurrency | served/s | p50 ms | server CPU µs/request "
+          "| engine process µs/request | front ends µs/request | server CPU cores | formed batch | client cpu "
+          "| failures |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['path']} | {r['protocol']} | {r['concurrency']} | "
+        print(f"| {r['model']} | {r['path']} | {r['protocol']} | {r['frontends']} | {r['concurrency']} | "
               f"{r['throughput_infer_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['server_cpu_us_per_request']:,.0f} | "
+              f"{r['engine_cpu_us_per_request']:,.0f} | {r['frontend_cpu_us_per_request']:,.0f} | "
               f"{r['server_cpu_cores']:.2f} | {r['formed_batch']:.1f} | {r['client_cpu_cores']:.2f} | "
               f"{r['failures']} |")
 
@@ -282,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each level")
     ap.add_argument("--client-processes", type=int, default=1,
                     help="ember perf client processes (this machine's cores are shared with the server)")
+    ap.add_argument("--frontends", type=int, default=0,
+                    help="ember serve --frontends N: N front-end processes and one engine process (0: one process); "
+                         "the JSON and table give the engine process's CPU per request and the front ends' apart")
     ap.add_argument("--profile", default=None, help="sample the server with py-spy into this folder")
     ap.add_argument("--profile-mode", default="gil", choices=("gil", "cpu", "idle", "native"),
                     help="gil: the thread holding the GIL (where Python time goes); cpu: threads on a CPU; "
@@ -296,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="serve_overhead_"))
     work.mkdir(parents=True, exist_ok=True)
     repo = make_repository(work, args.model, args.max_batch, args.instances)
-    proc, http, grpc = start_server(repo, work, args.staged, args.server_prelude)
+    proc, http, grpc = start_server(repo, work, args.staged, args.server_prelude, args.frontends)
     path = "staged (emulated GPU path)" if args.staged else "CPU"
-    log(f"ember serve ready (pid {proc.pid}, HTTP :{http}, gRPC :{grpc}, {path}); log {work / 'serve.log'}")
+    log(f"ember serve ready (pid {proc.pid}, front ends {child_pids(proc.pid) or 'none'}, HTTP :{http}, "
+        f"gRPC :{grpc}, {path}); log {work / 'serve.log'}")
     rows = []
     try:
         for proto in [p.strip() for p in args.protocols.split(",") if p.strip()]:
@@ -308,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["path"] = "staged" if args.staged else "cpu"
                 rows.append(row)
                 log(f"{proto} c={c}: {row['throughput_infer_per_s']:,.0f}/s, p50 {row['p50_ms']:.2f} ms, server "
-                    f"{row['server_cpu_us_per_request']:,.0f} CPU µs/request ({row['server_cpu_cores']:.2f} cores), "
+                    f"{row['server_cpu_us_per_request']:,.0f} CPU µs/request ({row['server_cpu_cores']:.2f} cores; "
+                    f"engine process {row['engine_cpu_us_per_request']:,.0f}, front ends "
+                    f"{row['frontend_cpu_us_per_request']:,.0f}), "
                     f"batch {row['formed_batch']:.1f}, failures {row['failures']}")
     finally:
         proc.send_signal(signal.SIGTERM)

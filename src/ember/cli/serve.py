@@ -45,6 +45,21 @@ def _verify_key(key_file: "str | None") -> "bytes | None":
         raise click.BadParameter(str(e), param_hint="--verify-key (or EMBER_VERIFY_KEY_FILE)") from None
 
 
+def _frontends(text: str) -> int:
+    if text.strip().lower() == "auto":
+        from ember.serve.frontends import auto_frontends
+
+        return auto_frontends()
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise click.BadParameter(f"'{text}' is not a number of processes (0, 1, 2, ...) or 'auto'",
+                                 param_hint="--frontends")
+    return n
+
+
 @click.command("serve")
 @click.argument("repo", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -86,6 +101,9 @@ def _verify_key(key_file: "str | None") -> "bytes | None":
               help="Exit if a model fails to load at startup (--no-strict serves the others).")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True,
               help="Seconds to let in-flight requests finish after SIGTERM.")
+@click.option("--frontends", default="0", show_default=True, metavar="N|auto",
+              help="Serve HTTP and gRPC from N front-end processes on the same ports (SO_REUSEPORT), which hand "
+              "requests to this process's models through shared memory; 0: one process. auto: min(4, cores/2).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve_cmd(repo: str, host: str, http_port: int, grpc_port: int, metrics_port: "int | None", no_http: bool,
@@ -93,7 +111,7 @@ def serve_cmd(repo: str, host: str, http_port: int, grpc_port: int, metrics_port
               auth_token_file: "str | None", insecure: bool, max_request_size: str, max_queue_size: int,
               max_connections: int, max_connections_per_client: int, header_timeout: float, body_timeout: float,
               cache_dir: "str | None", strict: bool, drain_timeout: float, log_level: str,
-              verify_key: "str | None") -> None:
+              verify_key: "str | None", frontends: str) -> None:
     """Serve the model repository REPO over HTTP and gRPC (KServe v2, Triton compatible).
 
     REPO holds one folder per model: <model>/config.yaml (or Triton's config.pbtxt) and numeric
@@ -112,7 +130,7 @@ def serve_cmd(repo: str, host: str, http_port: int, grpc_port: int, metrics_port
         cache_dir=Path(cache_dir) if cache_dir else Path.home() / ".cache" / "ember" / "serve",
         strict=strict, drain_timeout_s=drain_timeout, max_connections=max_connections, insecure=insecure,
         max_connections_per_client=max_connections_per_client, header_timeout_s=header_timeout,
-        body_timeout_s=body_timeout, verify_key=_verify_key(verify_key))
+        body_timeout_s=body_timeout, verify_key=_verify_key(verify_key), frontends=_frontends(frontends))
     try:
         settings.check_exposure()
     except ServeStartupError as e:

@@ -59,6 +59,8 @@ class ServerSettings:
     gpu_metrics: bool = True
     insecure: bool = False  # allow binding beyond loopback without a token
     verify_key: bytes | None = field(default=None, repr=False)  # load only engines signed with it (--verify-key)
+    frontends: int = 0  # >0: this many front-end processes serve HTTP and gRPC for this (engine) process
+    frontend_arena_bytes: int = 32 << 20  # shared memory per front end, for request and for response tensors
 
     def check_exposure(self) -> None:
         """Binding beyond loopback without a token opens inference, metrics and (in explicit mode) the

@@ -299,11 +299,12 @@ class _AuthInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(details)
 
 
-def build_grpc_server(service: InferenceService) -> grpc.aio.Server:
+def build_grpc_server(service: InferenceService, reuse_port: bool = False) -> grpc.aio.Server:
+    """``reuse_port``: several front-end processes listen on one port (--frontends)."""
     limit = service.settings.max_request_size
     interceptors = [_AuthInterceptor(service)] if service.auth_required else []
     options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1),
-               ("grpc.so_reuseport", 0),
+               ("grpc.so_reuseport", 1 if reuse_port else 0),
                # a connection must finish the HTTP/2 handshake as fast as an HTTP client its headers
                ("grpc.server_handshake_timeout_ms", max(1, int(service.settings.header_timeout_s * 1000)))]
     server = grpc.aio.server(interceptors=interceptors, options=options,

@@ -35,18 +35,25 @@ class _Uvicorn(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-def _bind(host: str, port: int, what: str) -> socket.socket:
+def _bind(host: str, port: int, what: str, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to host:port. ``reuse_port``: SO_REUSEPORT, so several front-end processes
+    listen on one port (the kernel spreads connections over them); ``listen=False`` only reserves the
+    port (and resolves port 0) for them: a socket that does not listen gets no connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted sockets only when the proto says TCP,
     # and without it every response with a body stalls ~40 ms (Nagle against delayed ACKs)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
         raise ServeStartupError(f"cannot bind the {what} port {host}:{port}: {e.strerror}; pick another with "
                                 f"--{what}-port") from None
+    if not listen:
+        return sock
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -65,6 +72,8 @@ class InferenceServer:
         self._grpc: Any = None
         self._poll_task: asyncio.Task | None = None
         self._stopped = False
+        self._reserved: list[socket.socket] = []  # --frontends: the ports the front-end processes listen on
+        self._supervisor: Any = None  # --frontends: frontends.FrontendSupervisor
 
     def _uvicorn(self, app: Any, sock: socket.socket) -> None:
         s = self.settings
@@ -84,13 +93,52 @@ class InferenceServer:
         s = self.settings
         s.check_exposure()
         self.service = service = InferenceService(s)
+        if s.frontends > 0:
+            # the ports belong to the front-end processes; this one reserves them (and resolves port 0)
+            if s.http_port is not None:
+                self._reserved.append(_bind(s.host, s.http_port, "http", reuse_port=True, listen=False))
+                self.http_port = self._reserved[-1].getsockname()[1]
+            if s.grpc_port is not None:
+                self._reserved.append(_bind(s.host, s.grpc_port, "grpc", reuse_port=True, listen=False))
+                self.grpc_port = self._reserved[-1].getsockname()[1]
+            await self._open_ports(service, http=False, grpc=False)
+        else:
+            await self._open_ports(service)
+        log.info("ember serve: http %s, grpc %s, metrics %s, repository %s", self.http_port, self.grpc_port,
+                 self.metrics_port or self.http_port, s.repository)
+        # every mode loads all models at startup unless --load-model names some (Triton's explicit mode
+        # loads none by default; ember users asked for one rule)
+        failed = await service.repository.load_all(s.load_models)
+        if failed and s.strict:
+            await self.shutdown()
+            lines = "\n".join(f"  - {n}: {msg}" for n, msg in failed.items())
+            raise ServeStartupError(f"{len(failed)} model(s) failed to load:\n{lines}\n"
+                                    "Fix them, or start with --no-strict to serve the others.")
+        if s.frontends > 0:
+            from .frontends import FrontendSupervisor
+
+            self._supervisor = FrontendSupervisor(service, self.http_port, self.grpc_port)
+            try:
+                await self._supervisor.start()
+            except BaseException:
+                await self.shutdown()
+                raise
+        service.started = True
+        if s.model_control_mode == "poll":
+            self._poll_task = asyncio.get_running_loop().create_task(service.poll_forever())
+        log.info("ember serve is ready")
+
+    async def _open_ports(self, service: Any, http: bool = True, grpc: bool = True, metrics: bool = True,
+                          reuse_port: bool = False) -> None:
+        """Bind and start the HTTP, metrics and gRPC front ends of ``service`` (those the settings ask for)."""
+        s = self.settings
         socks = []
-        if s.http_port is not None:
-            socks.append(("http", _bind(s.host, s.http_port, "http")))
-        if s.metrics_port is not None:
+        if http and s.http_port is not None:
+            socks.append(("http", _bind(s.host, s.http_port, "http", reuse_port)))
+        if metrics and s.metrics_port is not None:
             socks.append(("metrics", _bind(s.host, s.metrics_port, "metrics")))
-        if s.grpc_port is not None:
-            self._grpc = build_grpc_server(service)
+        if grpc and s.grpc_port is not None:
+            self._grpc = build_grpc_server(service, reuse_port=reuse_port)
             addr = f"[{s.host}]:{s.grpc_port}" if ":" in s.host else f"{s.host}:{s.grpc_port}"
             try:
                 port = self._grpc.add_insecure_port(addr)
@@ -111,20 +159,6 @@ class InferenceServer:
             else:
                 self.metrics_port = port
                 self._uvicorn(build_metrics_app(service), sock)
-        log.info("ember serve: http %s, grpc %s, metrics %s, repository %s", self.http_port, self.grpc_port,
-                 self.metrics_port or self.http_port, s.repository)
-        # every mode loads all models at startup unless --load-model names some (Triton's explicit mode
-        # loads none by default; ember users asked for one rule)
-        failed = await service.repository.load_all(s.load_models)
-        if failed and s.strict:
-            await self.shutdown()
-            lines = "\n".join(f"  - {n}: {msg}" for n, msg in failed.items())
-            raise ServeStartupError(f"{len(failed)} model(s) failed to load:\n{lines}\n"
-                                    "Fix them, or start with --no-strict to serve the others.")
-        service.started = True
-        if s.model_control_mode == "poll":
-            self._poll_task = asyncio.get_running_loop().create_task(service.poll_forever())
-        log.info("ember serve is ready")
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -142,6 +176,24 @@ class InferenceServer:
         if self._poll_task is not None:
             self._poll_task.cancel()
         grace = self.settings.drain_timeout_s
+        if self._supervisor is not None:  # the front-end processes finish their requests first
+            await self._supervisor.stop(grace)
+        await self._close_ports(grace)
+        try:
+            await asyncio.wait_for(service.repository.close(), grace)
+        except asyncio.TimeoutError:
+            log.error("models did not drain within %.0f s; exiting anyway", grace)
+        self._uvicorns.clear()
+        for guard in self._guards:
+            guard.close()
+        self._guards.clear()
+        for sock in self._reserved:
+            sock.close()
+        self._reserved.clear()
+        log.info("ember serve stopped")
+
+    async def _close_ports(self, grace: float) -> None:
+        """Stop accepting; let the requests being answered finish (up to ``grace`` seconds)."""
         stops = []
         if self._grpc is not None:
             stops.append(self._grpc.stop(grace))
@@ -154,15 +206,6 @@ class InferenceServer:
         for r in results:
             if isinstance(r, Exception):
                 log.warning("front end stopped with %s: %s", type(r).__name__, r)
-        try:
-            await asyncio.wait_for(service.repository.close(), grace)
-        except asyncio.TimeoutError:
-            log.error("models did not drain within %.0f s; exiting anyway", grace)
-        self._uvicorns.clear()
-        for guard in self._guards:
-            guard.close()
-        self._guards.clear()
-        log.info("ember serve stopped")
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT (or request_stop), then drain and return."""
