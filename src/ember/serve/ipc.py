@@ -120,6 +120,13 @@ class Channel(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self._buf and len(data) >= 4:  # the common case: whole frames, read from ``data`` as is
+            (n,) = FRAME.unpack_from(data, 0)
+            if len(data) == 4 + n:
+                with memoryview(data) as mv, mv[4:] as payload:
+                    messages = pickle.loads(payload)
+                self._on_messages(messages)
+                return
         buf = self._buf
         buf += data
         pos, n_buf = 0, len(buf)
