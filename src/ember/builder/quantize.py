@@ -10,6 +10,7 @@ The float layers then follow the build's precision (fp16/bf16 builds convert the
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -148,12 +149,23 @@ def build_quantized(graph32: Graph, qtype: str, device: torch.device, source: An
         send_progress(progress, stage, done, total, item)
 
     digest = graph_digest(graph32)
-    cal = cache.load(cache_path, digest, qtype, method, smooth_alpha) if cache_path else None
+    data_key = None
+    cal = None
+    if cache_path:  # the cache holds for this graph and this data, read as it is read now
+        data_key = hashlib.sha256(f"{src.fingerprint()}|samples={samples}|batch={options.batch_size}|"
+                                  f"held_out={HOLDOUT if held_out_of_calibration else 0}".encode()).hexdigest()[:32]
+        cal = cache.load(cache_path, digest, qtype, method, smooth_alpha, data=data_key)
+        missing = [l.value for l in layers if cal is not None and activation_key(l, cal) not in cal.amax]
+        if missing:
+            log.warning("calibration cache %s has no range for %s; calibrating again and rewriting it", cache_path,
+                        ", ".join(sorted(set(missing))[:4]))
+            cal = None
     from_cache = cal is not None
     if cal is None:
         cal = calibrate(graph32, layers, calib_batches, device, method, qtype, smooth_alpha=smooth_alpha,
                         progress=step, total=samples or 0)
         if cache_path:
+            cal.data = data_key or ""
             cache.save(cal, cache_path)
     plan = plan_layers(graph32, layers, cal)
     names = [l.node for l in layers]

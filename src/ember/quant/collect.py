@@ -90,6 +90,7 @@ class Calibration:
     smooth: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> per-input-channel multiplier
     smooth_alpha: "float | str | None" = None
     seconds: float = 0.0
+    data: str = ""  # the calibration data's fingerprint (quant/data.py), which the cache is keyed on
 
 
 def _weight_channel_max(graph: Graph, layer: Layer, node: Node) -> np.ndarray:
