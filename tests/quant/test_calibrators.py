@@ -119,3 +119,18 @@ def test_weights_are_quantized_per_output_channel(qtype, axis):
         assert q.data.dtype.name == "float8_e4m3fn"
         assert np.all(np.abs(deq - w) <= np.abs(w) / 16 + 1e-6)  # 3 mantissa bits: half an ulp
     assert q.error < (1e-2 if qtype == "int8" else 4e-2)
+
+
+def test_a_widening_histogram_merges_bins_instead_of_growing_without_bound():
+    c = HistogramCollector()
+    g = torch.Generator().manual_seed(0)
+    c.update(torch.rand(1000, generator=g) * 1e-3)  # a first batch of tiny values: bins 1e-3 / 2048 wide
+    c.update(torch.rand(1000, generator=g) * 1.0)  # 1000x further: 2M bins of the first width
+    c.update(torch.rand(1000, generator=g) * 3.0)
+    assert len(c.hist) <= 4 * 2048 and c.hist.sum() == 3000  # bounded, and every value still counted once
+    assert c.edges[-1] >= c.amax > 2.9 and c.edges[-1] - c.amax < c.width
+    assert abs(compute_amax("percentile", c) - c.amax) <= 2 * c.width
+    wide = HistogramCollector()
+    wide.update(torch.tensor([1.0]))
+    wide.update(torch.tensor([3.0]))  # a modest widening keeps the first width
+    assert len(wide.hist) == 3 * 2048 and wide.width == 1.0 / 2048

@@ -2,7 +2,7 @@
 
 A :class:`HistogramCollector` keeps a histogram of |x| over every calibration batch: 2048 bins over
 [0, amax of the first batch], extended with bins of the same width when a later batch reaches
-further. From it a calibrator picks the ``amax`` the quantization range clips at:
+further (past MAX_BINS, neighbouring bins are merged into wider ones instead). From it a calibrator picks the ``amax`` the quantization range clips at:
 
 - ``entropy``: the threshold whose 128-level quantized distribution is closest (Kullback-Leibler)
   to the clipped reference distribution, searched from bin 128 up (TensorRT's entropy calibrator);
@@ -26,6 +26,9 @@ import torch
 from .data import CalibrationError
 
 NUM_BINS = 2048
+# a histogram that keeps widening (a first batch of tiny values, later ones far larger) merges
+# neighbouring bins rather than grow past this: entropy and MSE search every bin (quadratic time)
+MAX_BINS = 4 * NUM_BINS
 START_BIN = 128
 PERCENTILE = 99.99
 METHODS = ("entropy", "minmax", "percentile", "mse")
@@ -69,6 +72,12 @@ class HistogramCollector:
         n = len(self.hist)
         if top > n * self.width:  # extend with bins of the same width
             n = int(math.ceil(top / self.width))
+            if n > MAX_BINS:  # merge each k neighbours into one bin (the edges stay edges): at most MAX_BINS
+                k = int(math.ceil(n / MAX_BINS))
+                old = np.zeros(int(math.ceil(len(self.hist) / k)) * k, dtype=np.float64)
+                old[:len(self.hist)] = self.hist
+                self.hist, self.width = old.reshape(-1, k).sum(axis=1), self.width * k
+                n = min(int(math.ceil(top / self.width)), MAX_BINS)
             grown = np.zeros(n, dtype=np.float64)
             grown[:len(self.hist)] = self.hist
             self.hist = grown
