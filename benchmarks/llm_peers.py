@@ -24,6 +24,11 @@ shorter). The JSON (--out) is written after every part; the table is printed las
 
     PYTHONPATH=src python benchmarks/llm_peers.py --out $OUT/llm_peers.json
     PYTHONPATH=src python benchmarks/llm_peers.py --tiny --device cpu --no-compile --out /tmp/llm.json  # dry run
+    PYTHONPATH=src python benchmarks/llm_peers.py --budget 200 --parts ember --profile-prefill --out $OUT/p.json
+
+First token is measured through the engine as a user drives it (add_request, step() until the token):
+a 128-token prompt runs as the prefill graph of its bucket (printed: [tokens, sequences]); the same
+engine with its prefill graphs set aside gives the eager step's time next to it.
 """
 from __future__ import annotations
 
@@ -127,7 +132,7 @@ def ember_weights(hf: Any, cfg: Any) -> tuple[Any, dict[str, torch.Tensor]]:
 
 # ---- ember ---------------------------------------------------------------------------------------------------
 def ember_engine(ecfg: Any, weights: dict[str, torch.Tensor], scheme: str, dev: torch.device, dtype: torch.dtype,
-                 kv_bytes: int, max_seqs: int) -> Any:
+                 kv_bytes: int, max_seqs: int, prefill_graph_tokens: int = 2048) -> Any:
     from ember.llm.engine import EngineOptions, LLMEngine
     from ember.llm.loader import LoadedModel
     from ember.llm.quant import LINEAR_SUFFIXES, quantize
@@ -144,7 +149,8 @@ def ember_engine(ecfg: Any, weights: dict[str, torch.Tensor], scheme: str, dev: 
         weights = out
     model = LoadedModel(ecfg, weights, tokenizer_spec(), dtype, scheme, "llama-2-7b-shape", "random")
     opts = EngineOptions(max_model_len=PROMPT + NEW + 16, max_num_seqs=max_seqs, kv_cache_bytes=kv_bytes,
-                         max_num_batched_tokens=8192 if dev.type == "cuda" else 512, prefix_caching=False)
+                         max_num_batched_tokens=8192 if dev.type == "cuda" else 512, prefix_caching=False,
+                         prefill_graph_tokens=prefill_graph_tokens)
     return LLMEngine(model, dev, opts)
 
 
@@ -166,6 +172,35 @@ def ember_run(engine: Any, prompts: list[list[int]], new: int) -> dict[str, floa
     first_done = max(firsts.values())
     return {"wall": last - t0, "ttft": statistics.median(v - t0 for v in firsts.values()),
             "decode_tps": (tokens - len(reqs)) / max(last - first_done, 1e-9), "tokens": tokens}
+
+
+def profile_prefill(engine: Any, prompt: list[int], dev: torch.device) -> dict[str, Any]:
+    """One first token (a 128-token prefill step and its sampling) through engine.step() under torch.profiler:
+    the top 15 kernels by device time, the number of kernel launches and their device time, and the
+    host time of the step, so one GPU call says what remains."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    ember_run(engine, [prompt], 1)
+    sync(dev)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        ember_run(engine, [prompt], 1)
+        sync(dev)
+        wall = time.perf_counter() - t0
+    device_ops = [e for e in prof.events() if e.device_type.name in ("CUDA", "PrivateUse1")]
+    kernels = [e for e in device_ops if not e.name.startswith(("Memcpy", "Memset"))]
+    kernel_us = sum(e.device_time_total for e in kernels)
+    sort = "device_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+    pg = engine.runner.prefill_graphs
+    out = {"wall_ms_under_profiler": wall * 1e3, "kernels": len(kernels), "kernel_time_ms": kernel_us / 1e3,
+           "copies_and_memsets": len(device_ops) - len(kernels),
+           "bucket": list(pg.last) if pg is not None and pg.last else None}
+    log(f"prefill profile: {out['kernels']} kernels ({out['copies_and_memsets']} copies and memsets besides), "
+        f"{out['kernel_time_ms']:.2f} ms of kernel time, "
+        f"{out['wall_ms_under_profiler']:.2f} ms wall under the profiler, graph bucket {out['bucket']}")
+    return out
 
 
 # ---- the gpt-fast-style peer ---------------------------------------------------------------------------------
@@ -331,6 +366,10 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true", help="the peer without torch.compile")
     ap.add_argument("--concurrent", type=int, default=256)
     ap.add_argument("--kv-gib", type=float, default=40.0, help="ember's KV cache")
+    ap.add_argument("--prefill-graph-tokens", type=int, default=2048,
+                    help="ember: steps that prefill up to this many tokens run as CUDA graphs (0: eagerly)")
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="ember: print a torch.profiler table of one 128-token first token (top 15 kernels)")
     ap.add_argument("--parts", default="ember,ember-int8,peer-b1,hf,peer-b8,peer-int8",
                     help="which parts, in this order (a second call can run what the budget skipped)")
     args = ap.parse_args()
@@ -375,7 +414,8 @@ def main() -> int:
     def ember_fp16() -> None:
         t = time.perf_counter()
         kv_bytes = int((args.kv_gib if dev.type == "cuda" else 0.25) * 2**30)
-        eng = engines["fp16"] = ember_engine(ecfg, weights, "dense", dev, dtype, kv_bytes, 256)
+        eng = engines["fp16"] = ember_engine(ecfg, weights, "dense", dev, dtype, kv_bytes, 256,
+                                             args.prefill_graph_tokens)
         r = res["ember"]
         r["load_and_capture_s"] = time.perf_counter() - t
         r["logits_rel_l2"] = rel_l2(eng.next_token_logits(prompt), ref_logits)
@@ -383,9 +423,24 @@ def main() -> int:
         ember_run(eng, [prompt], 8)  # warm-up
         b1 = [ember_run(eng, [prompt], NEW) for _ in range(3)]
         r["decode_b1_tps"] = statistics.median(x["decode_tps"] for x in b1)
+        pg = eng.runner.prefill_graphs
+        replays = pg.replays if pg is not None else 0
         ttft = [ember_run(eng, [prompt], 1)["ttft"] for _ in range(10)]
         r["ttft_128_ms"] = statistics.median(ttft) * 1e3
         r["ttft_128_ms_p90"] = sorted(ttft)[8] * 1e3
+        # the bucket (tokens, sequences) of the prefill graph that ran, or "eager"
+        graphed = pg is not None and pg.replays - replays == 10
+        r["ttft_128_path"] = f"graph bucket {list(pg.last)}" if graphed else "eager"
+        if pg is not None:  # the same engine with its prefill graphs set aside: the eager step, for comparison
+            eng.runner.prefill_graphs = None
+            try:
+                r["ttft_128_ms_eager"] = statistics.median(ember_run(eng, [prompt], 1)["ttft"] for _ in range(5)) * 1e3
+            finally:
+                eng.runner.prefill_graphs = pg
+        log(f"ember fp16: first token {r['ttft_128_ms']:.2f} ms ({r['ttft_128_path']}); eager prefill "
+            f"{r.get('ttft_128_ms_eager', float('nan')):.2f} ms")
+        if args.profile_prefill:
+            r["prefill_profile"] = profile_prefill(eng, prompt, dev)
         b8 = [ember_run(eng, many[:8], NEW) for _ in range(2)]
         r["decode_b8_tps"] = statistics.median(x["decode_tps"] for x in b8)
         log(f"ember fp16: b1 {r['decode_b1_tps']:.0f} tok/s, b8 {r['decode_b8_tps']:.0f} tok/s, first token "
@@ -499,7 +554,10 @@ def print_table(res: dict, conc: int, bound: Optional[float]) -> None:
          ">= 280", fmt(bound)),
         ("decode b8 (tok/s)", fmt(e.get("decode_b8_tps")), fmt(h.get("decode_b8_tps")), fmt(p.get("decode_b8_tps")),
          "", ""),
-        ("first token, 128 in (ms)", fmt(e.get("ttft_128_ms"), ".2f"), fmt(h.get("ttft_128_ms"), ".2f"),
+        ("first token, 128 in (ms)", fmt(e.get("ttft_128_ms"), ".2f") + (f" ({e['ttft_128_path']}; eager "
+                                                                       f"{fmt(e.get('ttft_128_ms_eager'), '.2f')})"
+                                                                       if e.get("ttft_128_path") else ""),
+         fmt(h.get("ttft_128_ms"), ".2f"),
          fmt(p.get("ttft_128_ms"), ".2f"), "<= 4", fmt(1e3 / bound if bound else None, ".2f")),
         (f"{conc} x 128/128 (output tok/s)", fmt(e.get(f"concurrent_{conc}_tps")), fmt(h.get(f"concurrent_{conc}_tps")),
          "-", ">= 14000", ""),

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .attention import StepInputs
+from .attention import StepInputs, prefill_tiles
 from .errors import RequestError
 from .kv_cache import BLOCK_SIZE, BlockManager, KVCache, blocks_needed
 from .loader import LoadedModel, load_model
@@ -42,6 +42,7 @@ class EngineOptions:
     prefix_caching: bool = True
     max_waiting: int = 1024  # queued requests before add_request refuses (QueueFullError)
     cuda_graphs: bool = True
+    prefill_graph_tokens: int = 2048  # steps that prefill up to this many tokens run as graphs (0: none)
     seed: Optional[int] = None
 
 
@@ -66,9 +67,13 @@ class LLMEngine:
                                    opt.max_waiting)
         self.max_blocks_per_seq = blocks_needed(self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv, self.max_blocks_per_seq, self.scheduler.max_num_seqs,
-                                  cuda_graphs=opt.cuda_graphs)
-        if cuda and self.runner.graphs is not None:
-            self.runner.graphs.capture_all()  # at load, not in the first requests' steps
+                                  cuda_graphs=opt.cuda_graphs,
+                                  prefill_graph_tokens=min(opt.prefill_graph_tokens,
+                                                           self.scheduler.max_num_batched_tokens))
+        if cuda:  # at load, not in the first requests' steps
+            for graphs in (self.runner.prefill_graphs, self.runner.graphs):
+                if graphs is not None:
+                    graphs.capture_all()
         self.sampler = Sampler(self.device, opt.seed)
         self.requests: dict[str, Request] = {}
         self.steps = 0
@@ -161,15 +166,26 @@ class LLMEngine:
         return outputs
 
     def _inputs(self, scheduled: list[Scheduled]) -> StepInputs:
+        """The step's inputs as host tensors (runner.py moves them: into a graph's buffers, or to the device)."""
         tokens: list[int] = []
-        positions: list[int] = []
         slots: list[int] = []
+        positions: list[int] = []
         starts, q_lens, seq_lens, rows = [0], [], [], []
         for s in scheduled:
             req, n, c = s.request, s.num_tokens, s.request.num_computed
-            tokens += req.tokens(c, c + n)
-            positions += range(c, c + n)
-            slots += [req.block_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(c, c + n)]
+            if n == 1:
+                tokens.append(req.token(c))
+                positions.append(c)
+                slots.append(req.block_ids[c // BLOCK_SIZE] * BLOCK_SIZE + c % BLOCK_SIZE)
+            else:
+                tokens += req.tokens(c, c + n)
+                positions += range(c, c + n)
+                p, end = c, c + n
+                while p < end:  # a run of slots per block, not a Python step per token
+                    first = req.block_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                    take = min(BLOCK_SIZE - p % BLOCK_SIZE, end - p)
+                    slots += range(first, first + take)
+                    p += take
             q_lens.append(n)
             seq_lens.append(c + n)
             starts.append(starts[-1] + n)
@@ -178,11 +194,13 @@ class LLMEngine:
         width = max(len(s.request.block_ids) for s in scheduled)
         table = [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in scheduled]
         long = torch.long
+        decode_only = all(n == 1 for n in q_lens)
         return StepInputs(tokens=torch.tensor(tokens, dtype=long), positions=torch.tensor(positions, dtype=long),
                           slots=torch.tensor(slots, dtype=long), block_tables=torch.tensor(table, dtype=torch.int32),
                           seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
                           query_starts=torch.tensor(starts, dtype=torch.int32),
-                          logit_rows=torch.tensor(rows, dtype=long), q_lens=q_lens, seq_lens_host=seq_lens)
+                          logit_rows=torch.tensor(rows, dtype=long), q_lens=q_lens, seq_lens_host=seq_lens,
+                          prefill_tiles=None if decode_only else prefill_tiles(q_lens))
 
     def _append(self, req: Request, token: int, lp: Any, now: float) -> RequestOutput:
         p = req.params
@@ -249,8 +267,10 @@ class LLMEngine:
         req = Request(ids, SamplingParams(max_tokens=1))
         req.block_ids = self.blocks.allocate(blocks_needed(len(ids)))
         try:
+            inputs = self._inputs([Scheduled(req, len(ids))])
+            self.runner.prepare(inputs)
             with self.runner.launching():
-                logits = self.runner.run(self._inputs([Scheduled(req, len(ids))]))
+                logits = self.runner.run(inputs)
         finally:
             self.blocks.release(req.block_ids)
         return logits[0].cpu()

@@ -9,9 +9,11 @@ from the host (the longest context the step can have), so a captured CUDA graph 
 to it: splits past a sequence's end do nothing.
 
 prefill: any number of query tokens per sequence (a prompt, a chunk of one, decode tokens mixed in).
-A program takes BLOCK_M queries of one sequence and one head; the host lists the (sequence, first query)
-tiles. Keys are read through the block table too, so cached prefixes and earlier chunks are attended to
-like the step's own tokens (written into the cache before this kernel runs).
+A program takes BLOCK_M queries of one sequence and one head; the tiles (sequence, first query row) are
+a step input made with the others (attention.prefill_tiles), so a captured graph replays them; a padding
+tile's first row is past every sequence's queries and it does nothing. Keys are read through the block
+table too, so cached prefixes and earlier chunks are attended to like the step's own tokens (written
+into the cache before this kernel runs).
 
 Both: causal, an optional sliding window (a query at position p sees keys at positions > p - window),
 fp32 softmax and accumulation.
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import triton
 import triton.language as tl
+
+from ..attention import PREFILL_TILE
 
 if TYPE_CHECKING:
     from ..attention import StepInputs
@@ -114,8 +118,9 @@ def _prefill(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qstart_ptr, lens_ptr, tile_seq_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(seq_len, first_pos + m0 + BLOCK_M)
     lo = tl.where(window > 0, tl.maximum(first_pos + m0 - window + 1, 0), 0)
+    hi = tl.minimum(seq_len, first_pos + m0 + BLOCK_M)
+    hi = tl.where(m0 < q_len, hi, lo)  # a padding tile (rows past the queries) reads nothing
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         kmask = offs < hi
@@ -169,25 +174,31 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: "StepInputs",
-                            scale: float, window: Optional[int], block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                            scale: float, window: Optional[int], block_m: int = PREFILL_TILE,
+                            block_n: int = 64) -> torch.Tensor:
+    """The query tiles come from ``step.prefill_tiles`` (made with the step's inputs, device-resident: no copy
+    and no host work per layer, and a captured graph replays them); padding tiles do nothing, and with
+    padded inputs the token rows no tile covers are zeros."""
     T, H, D = q.shape
     KVH = k_pool.shape[2]
-    seqs, rows = [], []
-    for i, ql in enumerate(step.q_lens):
-        for r in range(0, ql, block_m):
-            seqs.append(i)
-            rows.append(r)
-    out = torch.empty_like(q)
-    if not seqs:
+    tiles = step.prefill_tiles
+    if tiles is None or block_m != PREFILL_TILE:
+        tiles = _tiles(step.q_lens, block_m).to(q.device)
+    out = torch.zeros_like(q) if step.padded else torch.empty_like(q)
+    n = tiles.shape[1]
+    if n == 0 or T == 0:
         return out
-    dev = q.device
-    tile_seq = torch.tensor(seqs, dtype=torch.int32).to(dev, non_blocking=True)
-    tile_row = torch.tensor(rows, dtype=torch.int32).to(dev, non_blocking=True)
-    _prefill[(len(seqs), H)](q.contiguous(), k_pool, v_pool, out, step.block_tables, step.query_starts, step.seq_lens,
-                             tile_seq, tile_row, scale, step.block_tables.stride(0), H, KVH, window or 0, G=H // KVH,
-                             D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
-                             PRECISION=_precision(q.dtype), num_warps=4)
+    _prefill[(n, H)](q.contiguous(), k_pool, v_pool, out, step.block_tables, step.query_starts, step.seq_lens,
+                     tiles[0], tiles[1], scale, step.block_tables.stride(0), H, KVH, window or 0, G=H // KVH,
+                     D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m, BLOCK_N=block_n,
+                     PRECISION=_precision(q.dtype), num_warps=4)
     return out
+
+
+def _tiles(q_lens: list[int], block_m: int) -> torch.Tensor:
+    seqs = [i for i, ql in enumerate(q_lens) for _ in range(0, ql, block_m)]
+    rows = [r for ql in q_lens for r in range(0, ql, block_m)]
+    return torch.tensor([seqs, rows], dtype=torch.int32)
 
 
 def paged_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: "StepInputs", scale: float,
