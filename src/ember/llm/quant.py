@@ -10,8 +10,14 @@ Schemes (``--weights``), per linear layer ``<name>``:
   and j + 16 in its low and high nibbles, as GGUF stores them), ``<name>.scales`` and ``<name>.mins`` fp16
   [out, in / 32]. A GGUF file's 4-bit blocks are kept as they are.
 
-Embeddings and norms stay dense. On a GPU, int8 and fp8 run through the Triton weight-only GEMV/GEMM
-(kernels/); elsewhere the weights are dequantized into the activation dtype per call.
+Embeddings and norms stay dense. On a GPU, int8 and fp8 run through the Triton weight-only kernels
+(kernels/): up to 16 rows (decode) the bandwidth-bound GEMV of ``kernels/w8_gemv.py``, with the scale and
+bias applied in its epilogue; more rows (prefill) the tiled GEMM of ``kernels/weight_only.py``. Elsewhere the
+weights are dequantized into the activation dtype per call.
+
+Layout: int8/fp8 weights are kept [out, in] row-major (K-contiguous rows), as built into the engine file and
+made so at load (``from_tensors``): the GEMV's threads read 16 contiguous bytes of a row each, a warp 512
+bytes of one row, so every load is coalesced with no repacking.
 """
 from __future__ import annotations
 
@@ -95,8 +101,10 @@ class LinearWeights:
         if scheme == "q4":
             return cls("q4", weights[f"{name}.qweight"], scales=weights[f"{name}.scales"],
                        mins=weights[f"{name}.mins"], bias=weights.get(f"{name}.bias"))
-        return cls(scheme, weights[f"{name}.weight"], scale=weights.get(f"{name}.scale"),
-                   bias=weights.get(f"{name}.bias"))
+        w, scale = weights[f"{name}.weight"], weights.get(f"{name}.scale")
+        if scheme in ("int8", "fp8"):  # the kernels read K-contiguous rows and a contiguous fp32 scale
+            w, scale = w.contiguous(), scale.to(torch.float32).contiguous() if scale is not None else None
+        return cls(scheme, w, scale=scale, bias=weights.get(f"{name}.bias"))
 
 
 def quantize(w: Weight, scheme: str, dtype: torch.dtype, bias: Optional[torch.Tensor] = None) -> LinearWeights:
@@ -147,9 +155,10 @@ def linear(x: torch.Tensor, layer: LinearWeights) -> torch.Tensor:
     from .kernels import dispatch
 
     if layer.scheme in ("int8", "fp8") and dispatch.use_triton(x):
-        y = dispatch.weight_only_linear(x, layer)
-    elif layer.scheme == "dense":
+        from .kernels import weight_only
+
+        return weight_only.weight_only_matmul(x, layer.weight, layer.scale, bias=layer.bias)  # bias fused or added
+    if layer.scheme == "dense":
         return F.linear(x, layer.weight, layer.bias)
-    else:
-        y = F.linear(x, layer.dense(x.dtype))
+    y = F.linear(x, layer.dense(x.dtype))
     return y if layer.bias is None else y + layer.bias

@@ -2,6 +2,9 @@
 channel; x in fp16/bf16/fp32. W is read at one byte per weight and converted in registers, so a decode
 step (M of 1 to a few dozen rows: a GEMV in all but name) reads half the bytes of fp16 weights.
 
+Decode sizes (M <= 16 rows, tiles not given) go to the bandwidth-bound GEMV of ``w8_gemv.py`` (autotuned
+per shape at engine load). The tiles below are the prefill path (and what M <= 16 used before).
+
 Small M: narrow output tiles keep every SM busy; where a layer is too small even for that, the K dimension
 is split across programs that add their partial sums into an fp32 buffer (split-K), scaled and cast
 after. Large M: plain tiles. The tile sizes are chosen by rule (the decode shapes are few and known), not autotuned: an
@@ -16,6 +19,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .w8_gemv import MAX_M, w8_gemv
 
 
 @triton.jit
@@ -83,9 +88,17 @@ def choose_tiles(M: int, N: int, K: int, sms: int) -> Tiles:
     return Tiles(bm, bn, bk, split, warps, stages)
 
 
-def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, tiles: Optional[Tiles] = None
-                       ) -> torch.Tensor:
-    """x [..., K] @ (w [N, K] * scale[N, None])^T -> [..., N] in x's dtype."""
+def weight_only_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, tiles: Optional[Tiles] = None,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] @ (w [N, K] * scale[N, None])^T (+ bias) -> [..., N] in x's dtype. Up to 16 rows (and no
+    ``tiles`` asked for): the decode GEMV; otherwise the tiled kernel below."""
+    if tiles is None and x.numel() // max(x.shape[-1], 1) <= MAX_M:
+        return w8_gemv(x, w, scale, bias)
+    y = _tiled(x, w, scale, tiles)
+    return y if bias is None else y + bias
+
+
+def _tiled(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, tiles: Optional[Tiles]) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     M, K = x2.shape
