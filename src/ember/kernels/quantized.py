@@ -14,6 +14,7 @@ ops' exact numerics) runs everywhere else, CPUs included.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -168,15 +169,56 @@ def _qconv_run(cfg: TileConfig) -> Callable:
     return run
 
 
+def helpers(*roots: Any) -> tuple[Any, ...]:
+    """Every ember function and Triton kernel ``roots`` reach: the globals and module attributes
+    (``qt._common``, ``tm.rint``) their code names and the functions their closures hold, followed
+    to the end, in a stable order. The code hash covers them, so an edited helper is timed again."""
+    found: dict[int, Any] = {}
+    stack = list(roots)
+    while stack:
+        obj = stack.pop()
+        fn = getattr(obj, "fn", obj)  # a @triton.jit kernel wraps its Python function
+        if not inspect.isfunction(fn) or not fn.__module__.startswith("ember.") or id(fn) in found:
+            continue
+        found[id(fn)] = obj
+        names: set[str] = set()
+        codes = [fn.__code__]
+        while codes:  # nested functions and lambdas too
+            c = codes.pop()
+            names |= set(c.co_names)
+            codes += [k for k in c.co_consts if inspect.iscode(k)]
+        stack += [c.cell_contents for c in fn.__closure__ or () if _cell_ok(c)]
+        for name in names:
+            v = fn.__globals__.get(name)
+            if inspect.ismodule(v) and v.__name__.startswith("ember."):
+                stack += [getattr(v, attr) for attr in names if hasattr(v, attr)]
+            elif v is not None:
+                stack.append(v)
+    fns = [getattr(o, "fn", o) for o in found.values()]
+    return tuple(o for _, o in sorted(zip(fns, found.values()), key=lambda p: (p[0].__module__, p[0].__qualname__)))
+
+
+def _cell_ok(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
 def qgemm_choice(cfg: TileConfig) -> Choice:
-    return Choice(f"triton.qgemm[{cfg}]", ("ember.QGemm",), qgemm_applies, _qgemm_run(cfg), prepare_qgemm_weight,
-                  family="triton.qgemm", params={"tile": cfg}, code=(*qt.KERNELS, qt.qgemm_launch),
+    run = _qgemm_run(cfg)
+    return Choice(f"triton.qgemm[{cfg}]", ("ember.QGemm",), qgemm_applies, run, prepare_qgemm_weight,
+                  family="triton.qgemm", params={"tile": cfg},
+                  code=helpers(run, qgemm_applies, prepare_qgemm_weight, *qt.KERNELS, qt.qgemm_launch),
                   tolerance=TOLERANCE)
 
 
 def qconv_choice(cfg: TileConfig) -> Choice:
-    return Choice(f"triton.qconv[{cfg}]", ("ember.QConv",), qconv_applies, _qconv_run(cfg), prepare_qconv_weight,
-                  family="triton.qconv", params={"tile": cfg}, code=(*qt.KERNELS, qt.qconv_launch),
+    run = _qconv_run(cfg)
+    return Choice(f"triton.qconv[{cfg}]", ("ember.QConv",), qconv_applies, run, prepare_qconv_weight,
+                  family="triton.qconv", params={"tile": cfg},
+                  code=helpers(run, qconv_applies, prepare_qconv_weight, *qt.KERNELS, qt.qconv_launch),
                   tolerance=TOLERANCE)
 
 
@@ -285,11 +327,18 @@ def _register() -> None:
     for fp8, name in ((False, "cublaslt.int8"), (True, "cublaslt.fp8")):
         def run(args: list, attrs: dict, ctx: Any, _fp8: bool = fp8) -> torch.Tensor:
             return vendor_qgemm(args, attrs, ctx, _fp8)
-        TACTICS[name] = Choice(name, ("ember.QGemm",), _vendor_applies(fp8), run, prepare_vendor_weight,
-                               code=(vendor_qgemm, *qt.VENDOR_KERNELS, qt.quantize_rows, qt.dequantize_accumulator),
+        applies = _vendor_applies(fp8)
+        TACTICS[name] = Choice(name, ("ember.QGemm",), applies, run, prepare_vendor_weight,
+                               code=helpers(run, applies, prepare_vendor_weight, vendor_qgemm, *qt.VENDOR_KERNELS,
+                                            qt.quantize_rows, qt.dequantize_accumulator),
                                tolerance=TOLERANCE)
+    from ..ops.conv import _conv_core
+    from ..ops.quantized import finish, quantize_activation
+
     TACTICS["torch.qconv_dequant"] = Choice("torch.qconv_dequant", ("ember.QConv",), _dequant_applies,
-                                            dequantized_conv, tolerance=TOLERANCE)
+                                            dequantized_conv, code=helpers(_dequant_applies, dequantized_conv,
+                                                                           _conv_core, finish, quantize_activation),
+                                            tolerance=TOLERANCE)
 
 
 if qt is not None:
