@@ -91,16 +91,14 @@ def qconv_applies(node: Node, device: torch.device) -> bool:
 
 # -- weights, prepared once -----------------------------------------------------------------------------
 def prepare_qgemm_weight(node: Node, consts: dict[str, torch.Tensor]) -> dict[int, tuple[str, torch.Tensor]]:
-    """B with its logical shape, memory K-contiguous (each output column's K values adjacent): Hopper's
-    8-bit wgmma reads B only K-major, and an N-contiguous B made BERT-base's int8 GEMMs 2-2.6x slower on
-    an H200 (benchmarks/qconv_micro.py)."""
+    """B with its logical shape, memory K x N row-major (the template streams rows of K)."""
     b = node.inputs[1]
     if b.name not in consts:
         return {}
     w = consts[b.name]
     if node.attrs.get("trans_b", 0):
-        return {1: (b.name + "@tqgemm_nk", w.contiguous())}
-    return {1: (b.name + "@tqgemm_kn", w.t().contiguous().t())}
+        return {1: (b.name + "@tqgemm_t", w.t().contiguous().t())}
+    return {1: (b.name + "@tqgemm", w.contiguous())}
 
 
 def prepare_vendor_weight(node: Node, consts: dict[str, torch.Tensor]) -> dict[int, tuple[str, torch.Tensor]]:
@@ -118,9 +116,7 @@ def prepare_qconv_weight(node: Node, consts: dict[str, torch.Tensor]) -> dict[in
     if w.name not in consts or consts[w.name].dim() != 4:
         return {}
     t = consts[w.name]
-    # [Cout][KH][KW][Cin] memory: K-contiguous per output channel, as 8-bit wgmma reads it (3x3 convs up
-    # to 2x faster than [KH][KW][Cin][Cout] on an H200; 1x1 convs within about 10%: qconv_micro.py)
-    return {1: (w.name + "@tqconv_k", t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2))}
+    return {1: (w.name + "@tqconv", t.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1))}
 
 
 def _colsum(ctx: Any, w: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
