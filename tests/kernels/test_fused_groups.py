@@ -22,6 +22,7 @@ from ember.kernels.fused_groups import FusedGroupKernel, fuse_group, group_io, l
 from ember.ops import OpContext, get  # noqa: E402
 from ember.ops.infer import infer_shapes  # noqa: E402
 from ember.ops.torch_types import tensor_from_numpy, to_torch  # noqa: E402
+from tests.sm90 import assert_aot_main_compiles  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # masked-off lanes may divide by zero or take log(0) in the interpreter's numpy; harmless
@@ -439,16 +440,4 @@ def _aot_main() -> None:
 
 @pytest.mark.slow
 def test_every_case_compiles_for_sm90():
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    nvidia = pytest.importorskip("triton.backends.nvidia")
-    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists():
-        pytest.skip("this triton has no bundled ptxas")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", "from tests.kernels.test_fused_groups import _aot_main; _aot_main()"],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert "AOT-OK" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert_aot_main_compiles("tests.kernels.test_fused_groups")

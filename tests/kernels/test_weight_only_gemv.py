@@ -24,6 +24,7 @@ from ember.llm.kernels import w8_gemv as g  # noqa: E402
 from ember.llm.kernels import weight_only  # noqa: E402
 from ember.llm.kernels.w8_gemv import CANDIDATES, GemvConfig, bucket, heuristic, w8_gemv  # noqa: E402
 from ember.llm.quant import quantize_fp8, quantize_int8  # noqa: E402
+from tests.sm90 import assert_aot_main_compiles  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -212,15 +213,4 @@ def _aot_main() -> None:
 
 @pytest.mark.slow
 def test_candidates_compile_for_sm90():
-    import subprocess
-    import sys
-
-    nvidia = pytest.importorskip("triton.backends.nvidia")
-    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists():
-        pytest.skip("this triton has no bundled ptxas")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", "from tests.kernels.test_weight_only_gemv import _aot_main; _aot_main()"],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert "AOT-OK" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert_aot_main_compiles("tests.kernels.test_weight_only_gemv")

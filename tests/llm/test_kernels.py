@@ -23,6 +23,7 @@ from ember.llm.kernels.rope import qkv_rope_cache  # noqa: E402
 from ember.llm.kernels.swiglu import swiglu  # noqa: E402
 from ember.llm.kernels.weight_only import Tiles, weight_only_matmul  # noqa: E402
 from ember.llm.quant import quantize_fp8, quantize_int8  # noqa: E402
+from tests.sm90 import assert_aot_main_compiles  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked lanes of the interpreter's numpy
@@ -277,18 +278,7 @@ def _aot_main() -> None:
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
-    import subprocess
-    import sys
-
-    nvidia = pytest.importorskip("triton.backends.nvidia")
-    if not (Path(nvidia.__file__).parent / "bin" / "ptxas").exists():
-        pytest.skip("this triton has no bundled ptxas")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", "from tests.llm.test_kernels import _aot_main; _aot_main()"],
-                       env=env, cwd=root, capture_output=True, text=True, timeout=900)
-    assert "AOT-OK" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert_aot_main_compiles("tests.llm.test_kernels")
 
 
 def test_decode_graphs_per_bucket_give_the_eager_tokens(tmp_path: Path, monkeypatch):
